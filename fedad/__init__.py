@@ -1,0 +1,1 @@
+"""fedad: federated industrial anomaly detection on Flower."""

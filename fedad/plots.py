@@ -1,0 +1,68 @@
+"""PNG plots of a run: metrics per round and a grid of anomaly maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fedad.metrics import METRIC_NAMES  # noqa: E402
+
+
+def plot_metrics_per_round(rounds: pd.DataFrame, path: Path) -> None:
+    """Every metric of ``rounds`` (one row per round, column ``round``) against the round."""
+    columns = [c for c in METRIC_NAMES if c in rounds and rounds[c].notna().any()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column in columns:
+        ax.plot(rounds["round"], rounds[column], marker="o", label=column)
+    ax.set_xlabel("round")
+    ax.set_ylabel("metric")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Global model on the test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_anomaly_grid(
+    images: np.ndarray, masks: np.ndarray, maps: np.ndarray, scores: np.ndarray,
+    path: Path, title: str = "", max_images: int = 8,
+) -> None:
+    """Rows: image, ground truth, predicted map (with its image score) for a few test images.
+
+    Args:
+        images: [N, H, W, 3] in [0,1]; masks: [N, H, W]; maps: [N, H, W]; scores: [N].
+    """
+    n = min(max_images, len(images))
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images[i])
+        axes[1, i].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        axes[2, i].imshow(images[i])
+        axes[2, i].imshow(maps[i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[2, i].set_title(f"{scores[i]:.2f}", fontsize=8)
+    for ax, label in zip(axes[:, 0], ("image", "ground truth", "anomaly map"), strict=True):
+        ax.set_ylabel(label, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pick_grid_indices(labels: np.ndarray, n: int = 8) -> np.ndarray:
+    """Indices of ``n`` test images, defects and normals interleaved, deterministic."""
+    defects = np.flatnonzero(labels > 0)
+    normals = np.flatnonzero(labels == 0)
+    take_d = defects[np.linspace(0, len(defects) - 1, min(len(defects), n - n // 4)).astype(int)]
+    take_n = normals[np.linspace(0, len(normals) - 1, min(len(normals), n - len(take_d))).astype(int)]
+    return np.concatenate([take_d, take_n]) if len(defects) else take_n

@@ -1,0 +1,94 @@
+"""The results folder of a run: config, partitions, rounds.csv, summary.json, checkpoints, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fedad.config import ExperimentConfig
+from fedad.plots import pick_grid_indices, plot_anomaly_grid, plot_metrics_per_round
+from fedad.train.supervised import Predictions
+from partitions import write_manifest
+
+
+class ResultsWriter:
+    """Writes one run's results folder, round by round, so an interrupted run leaves its history."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints = root / "checkpoints"
+        self.plots = root / "plots"
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        for folder in (self.root, self.checkpoints, self.plots):
+            folder.mkdir(parents=True, exist_ok=True)
+        if (root / "rounds.csv").exists():
+            self.rows = pd.read_csv(root / "rounds.csv").to_dict("records")
+
+    def write_setup(self, cfg: ExperimentConfig, manifest: pd.DataFrame) -> None:
+        """The resolved config and the partition manifest."""
+        cfg.to_yaml(self.root / "config.yaml")
+        write_manifest(manifest, self.root / "partitions.csv")
+
+    @property
+    def last_round(self) -> int:
+        """The last round recorded (0 when none)."""
+        return int(self.rows[-1]["round"]) if self.rows else 0
+
+    def record_round(self, server_round: int, metrics: dict[str, float],
+                     state: dict[str, torch.Tensor]) -> None:
+        """Append a row to rounds.csv and checkpoint the global model of this round."""
+        self.rows = [r for r in self.rows if int(r["round"]) != server_round]
+        self.rows.append({"round": server_round, **metrics})
+        pd.DataFrame(self.rows).to_csv(self.root / "rounds.csv", index=False)
+        torch.save({"round": server_round, "state_dict": state},
+                   self.checkpoints / f"round-{server_round:03d}.pt")
+        torch.save({"round": server_round, "state_dict": state}, self.checkpoints / "latest.pt")
+
+    def load_latest(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(round, state dict) of the newest checkpoint."""
+        path = self.checkpoints / "latest.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        checkpoint = torch.load(path, weights_only=True)
+        return int(checkpoint["round"]), checkpoint["state_dict"]
+
+    def plot(self, server_round: int, predictions: Predictions) -> None:
+        """Metrics-per-round curve and the anomaly-map grid of this round."""
+        if self.rows:
+            plot_metrics_per_round(pd.DataFrame(self.rows), self.plots / "metrics_per_round.png")
+        idx = pick_grid_indices(predictions.labels)
+        plot_anomaly_grid(
+            predictions.images[idx], predictions.masks[idx], predictions.maps[idx],
+            predictions.image_scores[idx], self.plots / "anomaly_maps.png",
+            title=f"global model after round {server_round}",
+        )
+
+    def write_summary(self, cfg: ExperimentConfig, num_clients: int, extra: dict[str, Any]) -> dict:
+        """summary.json: what ran, how long, and the last round's server-side metrics."""
+        final = {k: _json_number(v) for k, v in (self.rows[-1] if self.rows else {}).items()}
+        summary = {
+            "method": cfg.method, "strategy": cfg.strategy, "partitioner": cfg.partitioner,
+            "num_clients": num_clients, "rounds": self.last_round,
+            "seconds": round(time.perf_counter() - self.started, 2), "final": final, **extra,
+        }
+        (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """A JSON-lines log (e.g. what crossed to the server)."""
+        with open(self.root / name, "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,175 @@
+"""Local training and inference of supervised anomaly-segmentation models (MSVT).
+
+A model maps images [B, 3, H, W] in [0, 1] to an output with ``anomaly_logits`` [B, 1, H, W],
+``image_logit`` [B] and ``embedding`` [B, D]. Training sees normal images, synthetic anomalies
+made on the fly from them, and the real defects that the MVTec protocol lets a site train on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedad.data import AnomalyDataset, Sample
+from fedad.train.losses import focal_loss, soft_dice_loss
+from fedad.train.synthetic_anomalies import AnomalySynthesizer
+
+log = logging.getLogger(__name__)
+
+MAP_SMOOTHING_SIGMA = 2.0  # pixels at 128x128; scaled with image size
+
+
+@dataclass
+class Predictions:
+    """Model outputs on an evaluation set (numpy, CPU)."""
+
+    labels: np.ndarray  # [N] {0,1}
+    defect_classes: np.ndarray  # [N] index into the dataset's defect types
+    image_scores: np.ndarray  # [N] in [0,1]
+    masks: np.ndarray  # [N, H, W] {0,1}
+    maps: np.ndarray  # [N, H, W] in [0,1]
+    images: np.ndarray  # [N, H, W, 3] in [0,1], for plots
+
+
+def make_loader(
+    samples: Sequence[Sample],
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    defect_types: Sequence[str] | None = None,
+) -> DataLoader:
+    """A single-process loader over ``samples`` (decoded images cached in memory)."""
+    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def segmentation_loss(output, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pixel focal + Dice loss on the map and BCE on the image logit.
+
+    Args:
+        output: model output with anomaly_logits [B,1,H,W] and image_logit [B].
+        masks: [B, 1, H, W] {0,1}; labels: [B] {0,1}.
+    Returns:
+        dict of scalar losses with key ``loss`` the total.
+    """
+    map_loss = focal_loss(output.anomaly_logits, masks) * 5 + soft_dice_loss(
+        output.anomaly_logits, masks
+    )
+    image_loss = nn.functional.binary_cross_entropy_with_logits(output.image_logit, labels.float())
+    return {"loss": map_loss + image_loss, "map_loss": map_loss, "image_loss": image_loss}
+
+
+def train_local(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    *,
+    image_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_batches: int = 0,
+    extra_loss=None,
+) -> dict[str, float]:
+    """Train ``model`` in place on one site's samples.
+
+    Args:
+        samples: the site's training samples (normal, and real defects with masks).
+        max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
+        extra_loss: optional callable (output, batch) -> scalar tensor added to the loss
+            (contrastive alignment plugs in here).
+    Returns:
+        mean losses of the last epoch, ``num-examples`` and ``train_seconds``.
+    """
+    if not samples:
+        raise ValueError("train_local: the site has no training samples")
+    start = time.perf_counter()
+    loader = make_loader(samples, image_size, batch_size, shuffle=True, seed=seed)
+    synthesizer = AnomalySynthesizer(probability=0.5, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    model.train()
+    totals: dict[str, float] = {}
+    for _ in range(epochs):
+        totals = {}
+        steps = 0
+        for batch in loader:
+            images, masks, labels = _with_synthetic_anomalies(batch, synthesizer)
+            output = model(images)
+            losses = segmentation_loss(output, masks, labels)
+            if extra_loss is not None:
+                losses["extra_loss"] = extra_loss(output, labels)
+                losses["loss"] = losses["loss"] + losses["extra_loss"]
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"train_local: non-finite loss {losses['loss'].item()}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            steps += 1
+            if max_batches and steps >= max_batches:
+                break
+    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+    result["num-examples"] = len(samples)
+    result["train_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _with_synthetic_anomalies(
+    batch: dict[str, torch.Tensor], synthesizer: AnomalySynthesizer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupt some normal images of the batch; real defects keep their own masks."""
+    images, masks, labels = batch["image"], batch["mask"], batch["label"]
+    normal = labels == 0
+    if normal.any():
+        synth_images, synth_masks = synthesizer(images[normal])
+        images = images.clone()
+        masks = masks.clone()
+        images[normal] = synth_images
+        masks[normal] = synth_masks
+    labels = (masks.flatten(1).amax(1) > 0).long()
+    return images, masks, labels
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
+            defect_types: Sequence[str] | None = None, batch_size: int = 32) -> Predictions:
+    """Anomaly maps and image scores of ``model`` on ``samples``.
+
+    Maps are sigmoid probabilities smoothed by a Gaussian (sigma scaled with image size);
+    the image score is the mean of the image head's probability and the map's maximum.
+    """
+    model.eval()
+    loader = make_loader(samples, image_size, batch_size, shuffle=False, defect_types=defect_types)
+    sigma = MAP_SMOOTHING_SIGMA * image_size / 128
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in Predictions.__dataclass_fields__}
+    for batch in loader:
+        output = model(batch["image"])
+        maps = torch.sigmoid(output.anomaly_logits)[:, 0].numpy()
+        maps = np.stack([gaussian_filter(m, sigma) for m in maps])
+        head = torch.sigmoid(output.image_logit).numpy()
+        parts["labels"].append(batch["label"].numpy())
+        parts["defect_classes"].append(batch["defect_class"].numpy())
+        parts["image_scores"].append(0.5 * (head + maps.reshape(len(maps), -1).max(1)))
+        parts["masks"].append(batch["mask"][:, 0].numpy())
+        parts["maps"].append(maps)
+        parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    for key in ("image_scores", "maps"):
+        if not np.isfinite(arrays[key]).all():
+            raise FloatingPointError(f"predict: non-finite {key}")
+    return Predictions(**arrays)
+

@@ -1,0 +1,109 @@
+"""A wrapper that checks every reply before any Flower strategy aggregates it.
+
+A reply whose arrays have other keys or shapes than the global model, non-finite values, or
+non-finite metrics is dropped and logged; if the aggregate itself is non-finite, the global model
+is kept as it was. Every accepted payload is recorded (node, round, bytes, digest) so that what
+crossed to the server can be audited.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedad.payloads import arrays_digest, check_arrays, check_metrics
+
+log = logging.getLogger(__name__)
+
+
+class GuardedStrategy(Strategy):
+    """Delegates to ``inner`` after dropping replies that must not reach the global model."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.global_arrays: ArrayRecord | None = None
+        self.payload_log: list[dict] = []
+        self.last_train_metrics: MetricRecord | None = None
+        self.last_evaluate_metrics: MetricRecord | None = None
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary."""
+        log.info("GuardedStrategy around %s", type(self.inner).__name__)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays (the reference for checks) and delegate."""
+        self.global_arrays = arrays
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop bad replies, aggregate the rest with the inner strategy, check the result."""
+        kept = self._screen(server_round, replies, check_payload=True)
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        if arrays is not None and self.global_arrays is not None:
+            reason = check_arrays(arrays, self.global_arrays)
+            if reason:
+                log.error("round %d: aggregate refused (%s); global model kept", server_round, reason)
+                arrays = None
+        self.last_train_metrics = metrics
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Drop replies with non-finite metrics, aggregate the rest."""
+        kept = self._screen(server_round, replies, check_payload=False)
+        self.last_evaluate_metrics = self.inner.aggregate_evaluate(server_round, kept)
+        return self.last_evaluate_metrics
+
+    def _screen(
+        self, server_round: int, replies: Iterable[Message], *, check_payload: bool
+    ) -> list[Message]:
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)  # the inner strategy logs and skips error replies
+                continue
+            node = msg.metadata.src_node_id
+            reason = self._refusal(msg.content, check_payload)
+            if reason:
+                log.warning("round %d: refused reply from node %d: %s", server_round, node, reason)
+                self._record(server_round, node, msg, accepted=False, reason=reason)
+                continue
+            self._record(server_round, node, msg, accepted=True, reason="")
+            kept.append(msg)
+        return kept
+
+    def _refusal(self, content, check_payload: bool) -> str | None:
+        for metrics in content.metric_records.values():
+            reason = check_metrics(metrics)
+            if reason:
+                return reason
+        if not check_payload or self.global_arrays is None:
+            return None
+        if len(content.array_records) != 1:
+            return f"expected one ArrayRecord, got {len(content.array_records)}"
+        return check_arrays(next(iter(content.array_records.values())), self.global_arrays)
+
+    def _record(self, server_round: int, node: int, msg: Message, *, accepted: bool,
+                reason: str) -> None:
+        row = {"round": server_round, "node": node, "kind": msg.metadata.message_type,
+               "accepted": accepted, "reason": reason}
+        for name, arrays in msg.content.array_records.items():
+            row.update(record=name, tensors=len(arrays), bytes=arrays.count_bytes(),
+                       digest=arrays_digest(arrays))
+        self.payload_log.append(row)

@@ -1,0 +1,45 @@
+"""ExperimentConfig: run-config parsing, validation messages, YAML round-trip."""
+
+import pytest
+
+from fedad.config import ConfigError, ExperimentConfig
+
+
+def test_from_run_config_converts_kebab_keys_and_types():
+    cfg = ExperimentConfig.from_run_config(
+        {"num-server-rounds": "5", "lr": 0.01, "use-real-defects": "false", "foo-bar": 3}
+    )
+    assert cfg.num_server_rounds == 5
+    assert cfg.lr == 0.01
+    assert cfg.use_real_defects is False
+    assert cfg.extra == {"foo-bar": 3}
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"partitioner": "random"}, "partitioner='random'"),
+        ({"method": "nope"}, "method='nope'"),
+        ({"image-size": 100}, "image-size=100"),
+        ({"num-server-rounds": 0}, "num-server-rounds=0"),
+        ({"lr": "fast"}, "lr='fast'"),
+        ({"data-path": "/no/such/dir"}, "data-path='/no/such/dir'"),
+        ({"use-real-defects": "maybe"}, "use-real-defects='maybe'"),
+    ],
+)
+def test_bad_settings_name_the_key(settings, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        ExperimentConfig.from_run_config(settings)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = ExperimentConfig(strategy="fedprox", seed=7, category="a,b")
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert ExperimentConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_results_dir_is_absolute_and_unique_per_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDAD_RESULTS", str(tmp_path))
+    path = ExperimentConfig().resolved_results_dir()
+    assert path.is_absolute() and path.parent == tmp_path
+    assert ExperimentConfig(results_dir="rel").resolved_results_dir().is_absolute()
