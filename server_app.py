@@ -17,4 +17,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Build the experiment from the run-config and run it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     run_federated(grid, ExperimentConfig.from_run_config(context.run_config))

@@ -70,7 +70,7 @@ def run_simulation(
     num_supernodes: int,
     run_config: Mapping[str, Any] | str,
     flwr_home: str | Path,
-    cpus_per_client: float = 1.0,
+    cpus_per_client: int = 1,
     timeout: float = 3600.0,
     echo: bool = False,
 ) -> SimulationRun:

@@ -1,0 +1,210 @@
+"""MSVT: the multi-scale vision transformer of Fed-MSVT, for anomaly segmentation.
+
+Patch embedding (Z = W_e X_p + E_p, eq. 1) -> transformer stages at three resolutions (H/8, H/16,
+H/32) joined by hierarchical pooling -> an FPN decoder to a full-resolution anomaly map, an image
+score, and a projection head whose embedding Contrastive Feature Alignment uses.
+
+The patch embedding reads either pixels (``backbone="none"``) or the frozen multi-scale features
+of an ImageNet-pretrained backbone (``backbone="lite0"``), which never leave a site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from fedad.models.backbones import create_backbone
+
+
+@dataclass
+class MSVTOutput:
+    """anomaly_logits [B, 1, H, W], image_logit [B], embedding [B, D]."""
+
+    anomaly_logits: torch.Tensor
+    image_logit: torch.Tensor
+    embedding: torch.Tensor
+
+
+class PixelStem(nn.Module):
+    """Trainable stem from pixels: fine features at H/4 and patch tokens at H/8."""
+
+    def __init__(self, fine_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.fine = nn.Sequential(
+            nn.Conv2d(3, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
+            nn.Conv2d(fine_dim, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
+        )
+        self.patch = nn.Conv2d(fine_dim, embed_dim, 2, 2)  # 8x8 patches overall
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] -> (fine [B,C,H/4,W/4], tokens [B,D,H/8,W/8])."""
+        fine = self.fine(images)
+        return fine, self.patch(fine)
+
+
+class PretrainedStem(nn.Module):
+    """Frozen backbone features (strides 4, 8, 16) fused into H/8 patch tokens."""
+
+    def __init__(self, name: str, embed_dim: int, fine_dim: int, pretrained: bool) -> None:
+        super().__init__()
+        self.backbone = create_backbone(name, pretrained=pretrained, out_indices=(1, 2, 3))
+        if self.backbone.strides != [4, 8, 16]:
+            raise ValueError(f"backbone {name}: expected strides 4/8/16, "
+                             f"got {self.backbone.strides}")
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        c4, c8, c16 = self.backbone.channels
+        self.fine = nn.Sequential(nn.Conv2d(c4, fine_dim, 1), nn.GELU())
+        self.patch = nn.Conv2d(c4 + c8 + c16, embed_dim, 1)
+
+    def train(self, mode: bool = True) -> PretrainedStem:
+        """Train the projections; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] -> (fine [B,C,H/4,W/4], tokens [B,D,H/8,W/8])."""
+        with torch.no_grad():
+            f4, f8, f16 = self.backbone(images)
+        size = f8.shape[-2:]
+        fused = torch.cat([
+            F.avg_pool2d(f4, 2), f8, F.interpolate(f16, size=size, mode="bilinear",
+                                                   align_corners=False),
+        ], dim=1)
+        return self.fine(f4), self.patch(fused)
+
+
+class HierarchicalPool(nn.Module):
+    """2x2 average pooling of a token grid followed by a channel projection."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, C', h/2, w/2]."""
+        pooled = F.avg_pool2d(grid, 2)
+        tokens = self.proj(self.norm(pooled.flatten(2).transpose(1, 2)))
+        return tokens.transpose(1, 2).reshape(grid.shape[0], -1, *pooled.shape[-2:])
+
+
+class TransformerStage(nn.Module):
+    """``depth`` ViT blocks with full self-attention over an h x w token grid."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, grid: int,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.Sequential(*[
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path)
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, C, h, w]."""
+        b, c, h, w = grid.shape
+        tokens = grid.flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.norm(self.blocks(tokens))
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MSVT(nn.Module):
+    """Multi-scale vision transformer for anomaly segmentation.
+
+    Args:
+        image_size: input side (multiple of 32).
+        backbone: ``lite0`` (frozen pretrained stem) or ``none`` (trainable pixel stem).
+        embed_dims: token width of each of the three stages.
+        depths: transformer blocks per stage.
+        num_heads: attention heads per stage.
+        mlp_ratio: MLP hidden width / token width.
+        decoder_dim: width of the FPN decoder.
+        proj_dim: width of the CFA projection embedding.
+        drop_path: stochastic depth rate of the blocks.
+        pretrained: load pretrained weights into the stem's backbone.
+    """
+
+    frozen_prefixes: tuple[str, ...] = ("stem.backbone.",)
+
+    def __init__(
+        self,
+        image_size: int = 128,
+        backbone: str = "lite0",
+        embed_dims: tuple[int, int, int] = (96, 128, 160),
+        depths: tuple[int, int, int] = (2, 2, 2),
+        num_heads: tuple[int, int, int] = (2, 4, 4),
+        mlp_ratio: float = 2.0,
+        decoder_dim: int = 64,
+        proj_dim: int = 128,
+        drop_path: float = 0.0,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        if image_size % 32:
+            raise ValueError(f"image_size={image_size}: must be a multiple of 32")
+        self.image_size = image_size
+        fine_dim = decoder_dim // 2
+        self.stem: nn.Module = (
+            PixelStem(fine_dim, embed_dims[0]) if backbone == "none"
+            else PretrainedStem(backbone, embed_dims[0], fine_dim, pretrained)
+        )
+        grids = [image_size // 8, image_size // 16, image_size // 32]
+        self.stages = nn.ModuleList(
+            TransformerStage(d, n, h, mlp_ratio, g, drop_path)
+            for d, n, h, g in zip(embed_dims, depths, num_heads, grids, strict=True)
+        )
+        self.pools = nn.ModuleList(
+            HierarchicalPool(embed_dims[i], embed_dims[i + 1]) for i in range(2)
+        )
+        self.laterals = nn.ModuleList(nn.Conv2d(d, decoder_dim, 1) for d in embed_dims)
+        self.fine_lateral = nn.Conv2d(fine_dim, decoder_dim, 1)
+        self.decoder_head = nn.Sequential(
+            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1), nn.BatchNorm2d(decoder_dim),
+            nn.GELU(), nn.Conv2d(decoder_dim, 1, 1),
+        )
+        self.image_head = nn.Sequential(
+            nn.Linear(embed_dims[-1] + 2, 64), nn.GELU(), nn.Linear(64, 1)
+        )
+        self.projection = nn.Sequential(
+            nn.Linear(embed_dims[-1], embed_dims[-1]), nn.GELU(),
+            nn.Linear(embed_dims[-1], proj_dim),
+        )
+
+    def forward(self, images: torch.Tensor) -> MSVTOutput:
+        """images [B, 3, H, W] in [0, 1] -> MSVTOutput."""
+        torch._assert(
+            images.dim() == 4 and images.shape[1] == 3
+            and images.shape[-1] == self.image_size and images.shape[-2] == self.image_size,
+            f"MSVT expects [B, 3, {self.image_size}, {self.image_size}] images",
+        )
+        fine, grid = self.stem(images)
+        levels = []
+        for i, stage in enumerate(self.stages):
+            if i:
+                grid = self.pools[i - 1](grid)
+            grid = stage(grid)
+            levels.append(grid)
+        decoded = self.laterals[-1](levels[-1])
+        for lateral, level in zip(self.laterals[-2::-1], levels[-2::-1], strict=True):
+            decoded = _upsample_to(decoded, level) + lateral(level)
+        decoded = _upsample_to(decoded, fine) + self.fine_lateral(fine)
+        logits = F.interpolate(self.decoder_head(decoded), size=images.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        pooled = levels[-1].mean(dim=(2, 3))
+        flat = logits.flatten(1)
+        summary = torch.stack([flat.amax(1), flat.mean(1)], dim=1)
+        image_logit = self.image_head(torch.cat([pooled, summary], dim=1)).squeeze(1)
+        return MSVTOutput(logits, image_logit, self.projection(pooled))
+
+
+def _upsample_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
