@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from clients.msvt import MSVTClient
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
-
-from clients.msvt import MSVTClient
 
 CLIENTS = {"msvt": MSVTClient}
 

@@ -38,7 +38,7 @@ class ExperimentData:
     num_partitions: int
 
     def samples(self, partition_id: int, role: str) -> list[Sample]:
-        """Samples of one client's ``role`` ("train" | "val"), or the server's test split (-1, "test")."""
+        """Samples of one client's ``role`` ("train" | "val"), or the test split (-1, "test")."""
         return partition_samples(self.manifest, partition_id, role, self.root)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from fedad.metrics import METRIC_NAMES  # noqa: E402
+from fedad.metrics import METRIC_NAMES
 
 
 def plot_metrics_per_round(rounds: pd.DataFrame, path: Path) -> None:
@@ -64,5 +64,6 @@ def pick_grid_indices(labels: np.ndarray, n: int = 8) -> np.ndarray:
     defects = np.flatnonzero(labels > 0)
     normals = np.flatnonzero(labels == 0)
     take_d = defects[np.linspace(0, len(defects) - 1, min(len(defects), n - n // 4)).astype(int)]
-    take_n = normals[np.linspace(0, len(normals) - 1, min(len(normals), n - len(take_d))).astype(int)]
+    count_n = min(len(normals), n - len(take_d))
+    take_n = normals[np.linspace(0, len(normals) - 1, count_n).astype(int)]
     return np.concatenate([take_d, take_n]) if len(defects) else take_n

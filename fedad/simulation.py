@@ -6,6 +6,7 @@ fixed ports; this module reads the final status with `flwr ls` and stops that Su
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -167,10 +168,8 @@ def _terminate_tree(pid: int) -> None:
         if not Path(f"/proc/{pid}").exists():
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _parent_pid(proc_dir: Path) -> int | None:

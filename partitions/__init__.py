@@ -2,6 +2,8 @@
 
 from partitions.manifest import (
     COLUMNS,
+    ROLES,
+    TEST_PARTITION,
     build_manifest,
     partition_samples,
     partition_table,
@@ -11,6 +13,6 @@ from partitions.manifest import (
 from partitions.schemes import PARTITIONERS, PartitionError, assign_partitions
 
 __all__ = [
-    "COLUMNS", "PARTITIONERS", "PartitionError", "assign_partitions", "build_manifest",
-    "partition_samples", "partition_table", "read_manifest", "write_manifest",
+    "COLUMNS", "PARTITIONERS", "ROLES", "TEST_PARTITION", "PartitionError", "assign_partitions",
+    "build_manifest", "partition_samples", "partition_table", "read_manifest", "write_manifest",
 ]

@@ -51,7 +51,8 @@ class GuardedStrategy(Strategy):
         if arrays is not None and self.global_arrays is not None:
             reason = check_arrays(arrays, self.global_arrays)
             if reason:
-                log.error("round %d: aggregate refused (%s); global model kept", server_round, reason)
+                log.error("round %d: aggregate refused (%s); global model kept",
+                          server_round, reason)
                 arrays = None
         self.last_train_metrics = metrics
         return arrays, metrics

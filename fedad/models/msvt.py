@@ -1,23 +1,28 @@
 """MSVT: the multi-scale vision transformer of Fed-MSVT, for anomaly segmentation.
 
-Patch embedding (Z = W_e X_p + E_p, eq. 1) -> transformer stages at three resolutions (H/8, H/16,
-H/32) joined by hierarchical pooling -> an FPN decoder to a full-resolution anomaly map, an image
-score, and a projection head whose embedding Contrastive Feature Alignment uses.
+Patch embedding (Z = W_e X_p + E_p, eq. 1) -> transformer stages at three or more resolutions
+(H/8, H/16, H/32, ...) joined by hierarchical pooling -> an FPN decoder to a full-resolution
+anomaly map, an image score, and a projection head whose embedding Contrastive Feature Alignment
+uses.
 
 The patch embedding reads either pixels (``backbone="none"``) or the frozen multi-scale features
-of an ImageNet-pretrained backbone (``backbone="lite0"``), which never leave a site.
+of an ImageNet-pretrained backbone (``backbone="lite0"``). That backbone is frozen, stays in eval
+mode and never leaves a site: :func:`trainable_state_dict` is what federated learning exchanges.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from fedad.models._registry import register_model
 from fedad.models.backbones import create_backbone
 
 
@@ -31,20 +36,20 @@ class MSVTOutput:
 
 
 class PixelStem(nn.Module):
-    """Trainable stem from pixels: fine features at H/4 and patch tokens at H/8."""
+    """Trainable stem from pixels: a conv stem for stride-4 detail and 8x8 patch tokens (eq. 1)."""
 
-    def __init__(self, fine_dim: int, embed_dim: int) -> None:
+    def __init__(self, image_size: int, fine_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.fine = nn.Sequential(
             nn.Conv2d(3, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
             nn.Conv2d(fine_dim, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
         )
-        self.patch = nn.Conv2d(fine_dim, embed_dim, 2, 2)  # 8x8 patches overall
+        self.patch = PatchEmbed(image_size, patch_size=8, in_chans=3, embed_dim=embed_dim,
+                                flatten=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B,3,H,W] -> (fine [B,C,H/4,W/4], tokens [B,D,H/8,W/8])."""
-        fine = self.fine(images)
-        return fine, self.patch(fine)
+        """images [B,3,H,W] -> (fine [B,C,H/4,W/4], tokens W_e X_p [B,D,H/8,W/8])."""
+        return self.fine(images), self.patch(images)
 
 
 class PretrainedStem(nn.Module):
@@ -72,11 +77,7 @@ class PretrainedStem(nn.Module):
         """images [B,3,H,W] -> (fine [B,C,H/4,W/4], tokens [B,D,H/8,W/8])."""
         with torch.no_grad():
             f4, f8, f16 = self.backbone(images)
-        size = f8.shape[-2:]
-        fused = torch.cat([
-            F.avg_pool2d(f4, 2), f8, F.interpolate(f16, size=size, mode="bilinear",
-                                                   align_corners=False),
-        ], dim=1)
+        fused = torch.cat([F.avg_pool2d(f4, 2), f8, _upsample_to(f16, f8)], dim=1)
         return self.fine(f4), self.patch(fused)
 
 
@@ -117,20 +118,26 @@ class TransformerStage(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
+@register_model("msvt")
 class MSVT(nn.Module):
-    """Multi-scale vision transformer for anomaly segmentation.
+    """Multi-scale vision transformer for anomaly segmentation (Fed-MSVT).
+
+    Stage i works on an (H / 8 / 2^i) grid of tokens; at 128 px the three default stages see
+    256, 64 and 16 tokens.
 
     Args:
-        image_size: input side (multiple of 32).
-        backbone: ``lite0`` (frozen pretrained stem) or ``none`` (trainable pixel stem).
-        embed_dims: token width of each of the three stages.
-        depths: transformer blocks per stage.
+        image_size: input side H = W, a multiple of 8 * 2^(stages - 1) (32 for three stages).
+        backbone: ``lite0`` (frozen pretrained stem; any timm name with strides 4/8/16 works)
+            or ``none`` (trainable pixel stem).
+        embed_dims: token width of each stage (three or more stages).
+        depths: ViT blocks per stage.
         num_heads: attention heads per stage.
         mlp_ratio: MLP hidden width / token width.
         decoder_dim: width of the FPN decoder.
-        proj_dim: width of the CFA projection embedding.
+        pixel_dim: width of the full-resolution refinement branch.
+        proj_dim: width D of the CFA projection embedding.
         drop_path: stochastic depth rate of the blocks.
-        pretrained: load pretrained weights into the stem's backbone.
+        pretrained: load the packaged ImageNet weights into the stem's backbone.
     """
 
     frozen_prefixes: tuple[str, ...] = ("stem.backbone.",)
@@ -139,37 +146,50 @@ class MSVT(nn.Module):
         self,
         image_size: int = 128,
         backbone: str = "lite0",
-        embed_dims: tuple[int, int, int] = (96, 128, 160),
-        depths: tuple[int, int, int] = (2, 2, 2),
-        num_heads: tuple[int, int, int] = (2, 4, 4),
+        embed_dims: Sequence[int] = (96, 128, 160),
+        depths: Sequence[int] = (2, 2, 2),
+        num_heads: Sequence[int] = (2, 4, 4),
         mlp_ratio: float = 2.0,
         decoder_dim: int = 64,
+        pixel_dim: int = 8,
         proj_dim: int = 128,
         drop_path: float = 0.0,
         pretrained: bool = True,
     ) -> None:
         super().__init__()
-        if image_size % 32:
-            raise ValueError(f"image_size={image_size}: must be a multiple of 32")
+        num_stages = len(embed_dims)
+        if num_stages < 3 or not len(depths) == len(num_heads) == num_stages:
+            raise ValueError(f"embed_dims, depths, num_heads: need three or more stages, one "
+                             f"entry each; got {embed_dims}, {depths}, {num_heads}")
+        coarsest = 8 * 2 ** (num_stages - 1)
+        if image_size % coarsest:
+            raise ValueError(f"image_size={image_size}: must be a multiple of {coarsest}")
         self.image_size = image_size
         fine_dim = decoder_dim // 2
         self.stem: nn.Module = (
-            PixelStem(fine_dim, embed_dims[0]) if backbone == "none"
+            PixelStem(image_size, fine_dim, embed_dims[0]) if backbone == "none"
             else PretrainedStem(backbone, embed_dims[0], fine_dim, pretrained)
         )
-        grids = [image_size // 8, image_size // 16, image_size // 32]
         self.stages = nn.ModuleList(
-            TransformerStage(d, n, h, mlp_ratio, g, drop_path)
-            for d, n, h, g in zip(embed_dims, depths, num_heads, grids, strict=True)
+            TransformerStage(dim, depth, heads, mlp_ratio, image_size // 8 // 2**i, drop_path)
+            for i, (dim, depth, heads) in enumerate(zip(embed_dims, depths, num_heads, strict=True))
         )
         self.pools = nn.ModuleList(
-            HierarchicalPool(embed_dims[i], embed_dims[i + 1]) for i in range(2)
+            HierarchicalPool(embed_dims[i], embed_dims[i + 1]) for i in range(num_stages - 1)
         )
         self.laterals = nn.ModuleList(nn.Conv2d(d, decoder_dim, 1) for d in embed_dims)
         self.fine_lateral = nn.Conv2d(fine_dim, decoder_dim, 1)
-        self.decoder_head = nn.Sequential(
+        self.decoder_fuse = nn.Sequential(
             nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1), nn.BatchNorm2d(decoder_dim),
-            nn.GELU(), nn.Conv2d(decoder_dim, 1, 1),
+            nn.GELU(), nn.Conv2d(decoder_dim, pixel_dim, 1),
+        )
+        self.pixel_branch = nn.Sequential(  # full-resolution detail for thin defects
+            nn.Conv2d(3, pixel_dim, 3, padding=1), nn.GELU(),
+            nn.Conv2d(pixel_dim, pixel_dim, 3, padding=1), nn.GELU(),
+        )
+        self.pixel_head = nn.Sequential(
+            nn.Conv2d(2 * pixel_dim, pixel_dim, 1), nn.GELU(),
+            nn.Conv2d(pixel_dim, 1, 3, padding=1),
         )
         self.image_head = nn.Sequential(
             nn.Linear(embed_dims[-1] + 2, 64), nn.GELU(), nn.Linear(64, 1)
@@ -180,31 +200,66 @@ class MSVT(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> MSVTOutput:
-        """images [B, 3, H, W] in [0, 1] -> MSVTOutput."""
+        """images [B, 3, H, W] in [0, 1] -> MSVTOutput (logits [B,1,H,W], [B], embedding [B,D]).
+
+        Raises:
+            AssertionError: wrong input shape.
+            RuntimeError: non-finite outputs (``torch._assert_async``: no host sync; on an
+                accelerator it fails as a device-side assert instead).
+        """
         torch._assert(
             images.dim() == 4 and images.shape[1] == 3
             and images.shape[-1] == self.image_size and images.shape[-2] == self.image_size,
-            f"MSVT expects [B, 3, {self.image_size}, {self.image_size}] images",
+            f"MSVT expects [B, 3, {self.image_size}, {self.image_size}] images, "
+            f"got {list(images.shape)}",
         )
         fine, grid = self.stem(images)
         levels = []
         for i, stage in enumerate(self.stages):
-            if i:
-                grid = self.pools[i - 1](grid)
-            grid = stage(grid)
+            grid = stage(self.pools[i - 1](grid) if i else grid)
             levels.append(grid)
         decoded = self.laterals[-1](levels[-1])
         for lateral, level in zip(self.laterals[-2::-1], levels[-2::-1], strict=True):
             decoded = _upsample_to(decoded, level) + lateral(level)
         decoded = _upsample_to(decoded, fine) + self.fine_lateral(fine)
-        logits = F.interpolate(self.decoder_head(decoded), size=images.shape[-2:],
-                               mode="bilinear", align_corners=False)
+        coarse = _upsample_to(self.decoder_fuse(decoded), images)
+        logits = self.pixel_head(torch.cat([coarse, self.pixel_branch(images)], dim=1))
         pooled = levels[-1].mean(dim=(2, 3))
         flat = logits.flatten(1)
         summary = torch.stack([flat.amax(1), flat.mean(1)], dim=1)
         image_logit = self.image_head(torch.cat([pooled, summary], dim=1)).squeeze(1)
+        # image_logit depends on the map's max/mean and the deepest tokens: NaN/inf shows there
+        torch._assert_async(torch.isfinite(image_logit).all(), "MSVT: non-finite outputs")
         return MSVTOutput(logits, image_logit, self.projection(pooled))
 
 
 def _upsample_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of x [B, C, h, w] to reference's spatial size."""
     return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def trainable_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """The state federated learning exchanges: every parameter and buffer outside the frozen
+    pretrained modules named by ``model.frozen_prefixes`` (which never leave a site)."""
+    frozen = tuple(getattr(model, "frozen_prefixes", ()))
+    return OrderedDict(
+        (k, v) for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))
+    )
+
+
+def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load :func:`trainable_state_dict` output into ``model``, strictly.
+
+    Raises:
+        ValueError: a missing or unexpected key, or a wrong shape (all listed).
+    """
+    expected = trainable_state_dict(model)
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"state does not fit {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)

@@ -106,7 +106,7 @@ class AnomalySynthesizer:
         return blended, m
 
     def _foreign_texture(self, donor: torch.Tensor) -> torch.Tensor:
-        """A texture unlike the image: a flipped/rolled, colour-jittered donor or structured noise."""
+        """A texture unlike the image: a flipped, rolled, colour-jittered donor or noise."""
         size = donor.shape[-1]
         if self.rng.random() < 0.5:
             tex = torch.flip(donor, dims=[int(self.rng.integers(1, 3))])

@@ -1,0 +1,94 @@
+"""Feature backbones: packaged Lite0 weights, feature pyramids, local checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from fedad.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    create_backbone,
+    load_lite0_state_dict,
+    pretrained_lite0_classifier,
+)
+
+EGYPTIAN_CAT = 285  # ImageNet class of skimage's chelsea
+
+
+def test_lite0_state_dict_maps_all_tensors_onto_timm_names() -> None:
+    state = load_lite0_state_dict()
+    assert len(state) == 296
+    assert next(iter(state)) == "conv_stem.weight"
+    assert tuple(state["classifier.weight"].shape) == (1000, 1280)
+
+
+def test_lite0_state_dict_rejects_a_foreign_file(tmp_path: Path) -> None:
+    source = load_lite0_state_dict()
+    keys = list(source)
+    source[keys[0]] = torch.zeros(8, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(source, path)
+    with pytest.raises(BackboneError, match=r"bad\.pth.*conv_stem\.weight \(8, 3, 3, 3\)"):
+        load_lite0_state_dict(path)
+    torch.save(dict(list(source.items())[:-1]), path)
+    with pytest.raises(BackboneError, match="295 tensors"):
+        load_lite0_state_dict(path)
+
+
+def test_pretrained_lite0_classifies_chelsea_as_egyptian_cat() -> None:
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = pretrained_lite0_classifier()((image - mean) / std)
+    assert logits.argmax(1).item() == EGYPTIAN_CAT
+
+
+def test_lite0_features_shapes_channels_strides() -> None:
+    backbone = create_backbone("lite0").eval()
+    assert backbone.channels == [24, 40, 112]
+    assert backbone.strides == [4, 8, 16]
+    with torch.no_grad():
+        features = backbone(torch.rand(2, 3, 128, 128))
+    assert [tuple(f.shape) for f in features] == [
+        (2, 24, 32, 32), (2, 40, 16, 16), (2, 112, 8, 8)
+    ]
+
+
+def test_checkpoint_round_trip_for_another_timm_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    torch.manual_seed(1)
+    backbone = create_backbone("resnet18", checkpoint=path).eval()
+    assert backbone.channels == [64, 128, 256] and backbone.strides == [4, 8, 16]
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(
+            (images - backbone.mean) / backbone.std, indices=[1, 2, 3], intermediates_only=True
+        )
+        for a, b in zip(backbone(images), expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_wrong_checkpoint_names_the_file_and_the_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "wrong.pt"
+    torch.save({"model": {"conv1.weight": torch.zeros(1, 1, 1, 1)}}, path)
+    with pytest.raises(BackboneError, match=r"wrong\.pt.*conv1\.weight.*missing"):
+        create_backbone("resnet18", checkpoint=path)
+
+
+def test_unreadable_checkpoint_is_a_backbone_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match=r"garbage\.pt"):
+        create_backbone("resnet18", checkpoint=path)
