@@ -32,9 +32,9 @@ class ExperimentConfig:
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     num_server_rounds: int = 3
-    local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 1e-3
+    local_epochs: int = 50
+    batch_size: int = 8
+    lr: float = 2e-3
     image_size: int = 128
     category: str = ""
     data_path: str = ""

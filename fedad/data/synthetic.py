@@ -45,7 +45,7 @@ SCENES: dict[str, Callable[[np.random.Generator, int], Scene]] = {
 SYNTHETIC_CATEGORIES: dict[str, str] = {
     name: "object" if name in PART_STYLES else "texture" for name in SCENES
 }
-DEFAULT_CATEGORY = "hex_nut"
+DEFAULT_CATEGORY = "brick"
 NOISE_STD = {"texture": (0.005, 0.02), "object": (0.008, 0.025)}
 
 

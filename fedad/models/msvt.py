@@ -41,8 +41,8 @@ class PixelStem(nn.Module):
     def __init__(self, image_size: int, fine_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.fine = nn.Sequential(
-            nn.Conv2d(3, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
-            nn.Conv2d(fine_dim, fine_dim, 3, 2, 1), nn.BatchNorm2d(fine_dim), nn.GELU(),
+            nn.Conv2d(3, fine_dim, 3, 2, 1), nn.GroupNorm(8, fine_dim), nn.GELU(),
+            nn.Conv2d(fine_dim, fine_dim, 3, 2, 1), nn.GroupNorm(8, fine_dim), nn.GELU(),
         )
         self.patch = PatchEmbed(image_size, patch_size=8, in_chans=3, embed_dim=embed_dim,
                                 flatten=False)
@@ -180,7 +180,7 @@ class MSVT(nn.Module):
         self.laterals = nn.ModuleList(nn.Conv2d(d, decoder_dim, 1) for d in embed_dims)
         self.fine_lateral = nn.Conv2d(fine_dim, decoder_dim, 1)
         self.decoder_fuse = nn.Sequential(
-            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1), nn.BatchNorm2d(decoder_dim),
+            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1), nn.GroupNorm(8, decoder_dim),
             nn.GELU(), nn.Conv2d(decoder_dim, pixel_dim, 1),
         )
         self.pixel_branch = nn.Sequential(  # full-resolution detail for thin defects

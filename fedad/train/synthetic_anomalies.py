@@ -100,25 +100,32 @@ class AnomalySynthesizer:
             noise = np.rot90(noise, k=int(self.rng.integers(4))).copy()
             mask = (noise > self.rng.uniform(0.35, 0.6)).astype(np.float32)
         m = torch.from_numpy(mask)[None]
-        texture = self._foreign_texture(donor)
+        texture = self._foreign_texture(image, donor)
         beta = float(self.rng.uniform(0.0, 0.7))
         blended = (1 - m) * image + m * ((1 - beta) * texture + beta * image)
         return blended, m
 
-    def _foreign_texture(self, donor: torch.Tensor) -> torch.Tensor:
-        """A texture unlike the image: a flipped, rolled, colour-jittered donor or noise."""
+    def _foreign_texture(self, image: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
+        """Fill of a Perlin region [3,H,W]: a flipped, rolled, colour-jittered donor; structured
+        noise; or the image itself re-tinted (a subtle colour or brightness change)."""
         size = donor.shape[-1]
-        if self.rng.random() < 0.5:
+        kind = self.rng.random()
+        if kind < 0.4:
             tex = torch.flip(donor, dims=[int(self.rng.integers(1, 3))])
-            tex = torch.roll(tex, shifts=tuple(int(s) for s in self.rng.integers(0, size, 2)),
-                             dims=(1, 2))
-            gain = torch.from_numpy(self.rng.uniform(0.4, 1.6, (3, 1, 1)).astype(np.float32))
-            shift = torch.from_numpy(self.rng.uniform(-0.3, 0.3, (3, 1, 1)).astype(np.float32))
-            return (tex * gain + shift).clamp(0, 1)
+            shifts = tuple(int(s) for s in self.rng.integers(0, size, 2))
+            return self._jitter(torch.roll(tex, shifts=shifts, dims=(1, 2)), 0.6, 0.3)
+        if kind < 0.7:
+            return self._jitter(image, 0.3, 0.15)
         base = torch.from_numpy(self.rng.uniform(0, 1, (3, 1, 1)).astype(np.float32))
         cells = int(self.rng.integers(4, 33))
         noise = torch.from_numpy(perlin_noise(size, cells, self.rng))[None]
         return (base + 0.3 * noise).clamp(0, 1).expand(3, size, size)
+
+    def _jitter(self, image: torch.Tensor, gain: float, shift: float) -> torch.Tensor:
+        """Per-channel gain in 1 +- ``gain`` and offset in +- ``shift``, clamped to [0, 1]."""
+        g = torch.from_numpy(self.rng.uniform(1 - gain, 1 + gain, (3, 1, 1)).astype(np.float32))
+        o = torch.from_numpy(self.rng.uniform(-shift, shift, (3, 1, 1)).astype(np.float32))
+        return (image * g + o).clamp(0, 1)
 
     def _scar(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CutPaste-scar anomaly: a thin rotated strip of the image pasted elsewhere."""
@@ -138,6 +145,4 @@ class AnomalySynthesizer:
             return image, torch.zeros(1, size, size)
         shift = tuple(int(s) for s in self.rng.integers(size // 8, size - size // 8, 2))
         source = torch.roll(image, shifts=shift, dims=(1, 2))
-        gain = torch.from_numpy(self.rng.uniform(0.6, 1.4, (3, 1, 1)).astype(np.float32))
-        source = (source * gain).clamp(0, 1)
-        return (1 - mask) * image + mask * source, mask
+        return (1 - mask) * image + mask * self._jitter(source, 0.4, 0.0), mask
