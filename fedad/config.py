@@ -31,7 +31,7 @@ class ExperimentConfig:
     strategy: str = "fedavg"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
-    num_server_rounds: int = 3
+    num_server_rounds: int = 4
     local_epochs: int = 50
     batch_size: int = 8
     lr: float = 2e-3
