@@ -17,7 +17,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def _data_synth(args: argparse.Namespace) -> int:
     from fedad.data import generate_dataset
 
-    root = generate_dataset(args.out, seed=args.seed, image_size=args.image_size)
+    categories = args.categories.split(",") if args.categories else None
+    root = generate_dataset(args.out, seed=args.seed, image_size=args.image_size,
+                            num_train=args.num_train, categories=categories)
     print(f"wrote {root}")
     return 0
 
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--num-train", type=int, default=60, help="good training images")
+    synth.add_argument("--categories", default="", help="comma list (default: all)")
     synth.set_defaults(func=_data_synth)
     check = data.add_parser("check", help="validate a folder in the MVTec AD layout")
     check.add_argument("dir")

@@ -1,4 +1,5 @@
-"""A real Flower simulation (`flwr run`, Ray backend): 2 clients, 2 rounds of a tiny config."""
+"""A real Flower simulation (`flwr run`, Ray backend): 2 clients, 2 rounds of a tiny config,
+on a folder in the MVTec AD layout given by `data-path`."""
 
 import json
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fedad.data import generate_dataset
 from fedad.metrics import METRIC_NAMES
 from fedad.simulation import run_simulation
 
@@ -15,13 +17,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_two_client_two_round_simulation_completes_and_writes_results(tmp_path):
     results = tmp_path / "results"
+    data = generate_dataset(tmp_path / "mvtec", categories=["washer"], num_train=12,
+                            num_test_good=4, num_test_per_defect=3)
     run = run_simulation(
         PROJECT_ROOT,
         num_supernodes=2,
         run_config={
             "num-server-rounds": 2, "local-epochs": 1, "max-train-batches": 2,
             "batch-size": 8, "image-size": 64, "results-dir": str(results),
-            "plot-every-round": False,
+            "plot-every-round": False, "data-path": str(data), "category": "washer",
         },
         flwr_home=tmp_path / "flwr-home",
         timeout=600,
@@ -46,7 +50,7 @@ def test_two_client_two_round_simulation_completes_and_writes_results(tmp_path):
     assert summary["final"]["image_auroc"] == pytest.approx(rounds["image_auroc"].iloc[-1])
 
     manifest = pd.read_csv(results / "partitions.csv")
-    assert set(manifest["partition"]) == {-1, 0, 1}
+    assert set(manifest["partition"]) == {-1, 0, 1} and set(manifest["category"]) == {"washer"}
     crossings = [json.loads(line) for line in (results / "payloads.jsonl").read_text().splitlines()]
     assert {c["node"] for c in crossings if c["kind"] == "train"} and all(
         c["accepted"] for c in crossings)

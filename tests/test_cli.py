@@ -1,0 +1,72 @@
+"""The `fedad` command line, run in-process."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from fedad.cli import main
+from fedad.config import ExperimentConfig
+from fedad.results import ResultsWriter
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert main(["data", "synth", "--out", str(out), "--categories", "wood", "--num-train", "6",
+                 "--image-size", "64"]) == 0
+    return out
+
+
+def test_data_check_prints_counts(dataset, capsys):
+    assert main(["data", "check", str(dataset)]) == 0
+    assert "wood: train 6 (good 6)" in capsys.readouterr().out
+
+
+def test_data_check_fails_with_the_file_named(dataset, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    (broken / "wood" / "train" / "good").mkdir(parents=True)
+    (broken / "wood" / "test" / "good").mkdir(parents=True)
+    (broken / "wood" / "test" / "good" / "000.png").write_bytes(b"not a png")
+    assert main(["data", "check", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "wood" in err
+
+
+def test_data_partitions_prints_a_table_per_client(dataset, capsys):
+    assert main(["data", "partitions", "--data-path", str(dataset), "--category", "wood",
+                 "--partitioner", "label-wise", "--num-partitions", "2", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "label-wise x 2" in out and "test" in out and "good" in out
+
+
+def test_report_rebuilds_plots_from_a_results_folder(tmp_path, capsys):
+    writer = ResultsWriter(tmp_path / "run")
+    for r in (1, 2):
+        writer.record_round(r, {"image_auroc": 0.5 + r / 10, "pixel_auroc": 0.7},
+                            {"w": torch.zeros(2)})
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "image_auroc" in capsys.readouterr().out
+    assert (tmp_path / "run" / "plots" / "metrics_per_round.png").stat().st_size > 1000
+
+
+def test_report_on_a_folder_without_rounds_fails_clearly(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "rounds.csv: not found" in capsys.readouterr().err
+
+
+def test_results_writer_resumes_history_and_latest_checkpoint(tmp_path):
+    writer = ResultsWriter(tmp_path)
+    writer.record_round(1, {"image_auroc": 0.6}, {"w": torch.ones(2)})
+    writer.record_round(2, {"image_auroc": 0.7}, {"w": torch.full((2,), 2.0)})
+    again = ResultsWriter(tmp_path)  # a restarted server
+    assert again.last_round == 2
+    round_, state = again.load_latest()
+    assert round_ == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
+    again.record_round(2, {"image_auroc": 0.8}, {"w": torch.zeros(2)})  # the round redone
+    rows = pd.read_csv(tmp_path / "rounds.csv")
+    assert rows["round"].tolist() == [1, 2] and rows["image_auroc"].iloc[-1] == 0.8
+    summary = again.write_summary(ExperimentConfig(), 3, {})
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["image_auroc"] == 0.8
+    assert summary["rounds"] == 2 and summary["num_clients"] == 3
