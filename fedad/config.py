@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
+from partitions import PARTITIONERS
+
 METHODS = ("msvt",)
-PARTITIONERS = ("iid", "label-wise", "dirichlet", "by-category")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class ExperimentConfig:
     seed: int = 0
     resume_from: str = ""
     backbone: str = "lite0"
+    backbone_checkpoint: str = ""
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     val_fraction: float = 0.15
@@ -79,6 +81,8 @@ class ExperimentConfig:
             raise ConfigError(f"val-fraction={self.val_fraction}: must be in [0, 0.5)")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
+        if self.backbone_checkpoint and not Path(self.backbone_checkpoint).is_file():
+            raise ConfigError(f"backbone-checkpoint={self.backbone_checkpoint!r}: no such file")
         if self.data_path and not Path(self.data_path).expanduser().is_dir():
             raise ConfigError(f"data-path={self.data_path!r}: no such directory")
 

@@ -16,7 +16,8 @@ from fedad.train.supervised import Predictions, predict
 
 def build_model(cfg: ExperimentConfig) -> nn.Module:
     """The configured method's model, with pretrained weights where the backbone has them."""
-    return create_model(cfg.method, image_size=cfg.image_size, backbone=cfg.backbone)
+    return create_model(cfg.method, image_size=cfg.image_size, backbone=cfg.backbone,
+                        backbone_checkpoint=cfg.backbone_checkpoint or None)
 
 
 def evaluate_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -168,3 +169,14 @@ def test_registry() -> None:
         create_model("no-such-model")
     with pytest.raises(ValueError, match="already registered"):
         register_model("msvt")(MSVT)
+
+
+def test_stem_loads_a_local_timm_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    reference = timm.create_model("resnet18", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = MSVT(image_size=64, backbone="resnet18", depths=(1, 1, 1),
+                 backbone_checkpoint=str(tmp_path / "resnet18.pth"))
+    loaded = model.stem.backbone.model.state_dict()
+    assert torch.equal(loaded["conv1.weight"], reference.state_dict()["conv1.weight"])
+    assert model(torch.rand(1, 3, 64, 64)).anomaly_logits.shape == (1, 1, 64, 64)

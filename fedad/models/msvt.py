@@ -55,9 +55,11 @@ class PixelStem(nn.Module):
 class PretrainedStem(nn.Module):
     """Frozen backbone features (strides 4, 8, 16) fused into H/8 patch tokens."""
 
-    def __init__(self, name: str, embed_dim: int, fine_dim: int, pretrained: bool) -> None:
+    def __init__(self, name: str, embed_dim: int, fine_dim: int, pretrained: bool,
+                 checkpoint: str | None = None) -> None:
         super().__init__()
-        self.backbone = create_backbone(name, pretrained=pretrained, out_indices=(1, 2, 3))
+        self.backbone = create_backbone(name, pretrained=pretrained, checkpoint=checkpoint,
+                                        out_indices=(1, 2, 3))
         if self.backbone.strides != [4, 8, 16]:
             raise ValueError(f"backbone {name}: expected strides 4/8/16, "
                              f"got {self.backbone.strides}")
@@ -138,6 +140,8 @@ class MSVT(nn.Module):
         proj_dim: width D of the CFA projection embedding.
         drop_path: stochastic depth rate of the blocks.
         pretrained: load the packaged ImageNet weights into the stem's backbone.
+        backbone_checkpoint: a local state-dict file for the stem's timm backbone (any timm
+            model whose levels 1-3 have strides 4/8/16, e.g. ``resnet18``).
     """
 
     frozen_prefixes: tuple[str, ...] = ("stem.backbone.",)
@@ -155,6 +159,7 @@ class MSVT(nn.Module):
         proj_dim: int = 128,
         drop_path: float = 0.0,
         pretrained: bool = True,
+        backbone_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         num_stages = len(embed_dims)
@@ -168,7 +173,8 @@ class MSVT(nn.Module):
         fine_dim = decoder_dim // 2
         self.stem: nn.Module = (
             PixelStem(image_size, fine_dim, embed_dims[0]) if backbone == "none"
-            else PretrainedStem(backbone, embed_dims[0], fine_dim, pretrained)
+            else PretrainedStem(backbone, embed_dims[0], fine_dim, pretrained,
+                                backbone_checkpoint)
         )
         self.stages = nn.ModuleList(
             TransformerStage(dim, depth, heads, mlp_ratio, image_size // 8 // 2**i, drop_path)
