@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,9 @@ def _simulate(args: argparse.Namespace) -> int:
         flwr_home=flwr_home, echo=True,
     )
     print(f"fedad: run {run.run_id} {run.status} in {run.seconds:.0f} s")
+    results = re.search(r"results: (\S+)", run.log)
+    if results:
+        print(f"fedad: results in {results.group(1)}")
     return 0 if run.completed else 1
 
 

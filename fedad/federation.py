@@ -31,7 +31,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
 
 def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Run ``cfg.num_server_rounds`` rounds and write the results folder; returns the summary."""
-    results = ResultsWriter(cfg.resolved_results_dir())
+    results = ResultsWriter(cfg.resolved_results_dir(), resume=bool(cfg.resume_from))
     if cfg.resume_from:
         cfg = ExperimentConfig.from_yaml(results.root / "config.yaml").replace(
             resume_from=cfg.resume_from

@@ -18,9 +18,14 @@ from partitions import write_manifest
 
 
 class ResultsWriter:
-    """Writes one run's results folder, round by round, so an interrupted run leaves its history."""
+    """Writes one run's results folder, round by round, so an interrupted run leaves its history.
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: the folder (created if needed).
+        resume: keep the rounds already recorded there (a resumed run); otherwise start afresh.
+    """
+
+    def __init__(self, root: Path, resume: bool = False) -> None:
         self.root = root
         self.checkpoints = root / "checkpoints"
         self.plots = root / "plots"
@@ -28,7 +33,7 @@ class ResultsWriter:
         self.started = time.perf_counter()
         for folder in (self.root, self.checkpoints, self.plots):
             folder.mkdir(parents=True, exist_ok=True)
-        if (root / "rounds.csv").exists():
+        if resume and (root / "rounds.csv").exists():
             self.rows = pd.read_csv(root / "rounds.csv").to_dict("records")
 
     def write_setup(self, cfg: ExperimentConfig, manifest: pd.DataFrame) -> None:

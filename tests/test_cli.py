@@ -60,7 +60,8 @@ def test_results_writer_resumes_history_and_latest_checkpoint(tmp_path):
     writer = ResultsWriter(tmp_path)
     writer.record_round(1, {"image_auroc": 0.6}, {"w": torch.ones(2)})
     writer.record_round(2, {"image_auroc": 0.7}, {"w": torch.full((2,), 2.0)})
-    again = ResultsWriter(tmp_path)  # a restarted server
+    assert ResultsWriter(tmp_path).last_round == 0  # a new run in the same folder starts afresh
+    again = ResultsWriter(tmp_path, resume=True)  # a restarted server
     assert again.last_round == 2
     round_, state = again.load_latest()
     assert round_ == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
