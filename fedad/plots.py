@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from fedad.metrics import METRIC_NAMES
 
@@ -21,6 +22,7 @@ def plot_metrics_per_round(rounds: pd.DataFrame, path: Path) -> None:
     for column in columns:
         ax.plot(rounds["round"], rounds[column], marker="o", label=column)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("metric")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
