@@ -9,7 +9,7 @@ import pytest
 
 from fedad.data import generate_dataset
 from fedad.metrics import METRIC_NAMES
-from fedad.simulation import run_simulation
+from fedad.simulation import run_simulation, stop_local_superlink
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,7 @@ def test_two_client_two_round_simulation_completes_and_writes_results(tmp_path):
         timeout=600,
     )
     assert run.completed, f"status {run.status}\n{run.log[-4000:]}"
+    assert stop_local_superlink(tmp_path / "flwr-home") == [], "SuperLink left running"
 
     for name in ("config.yaml", "partitions.csv", "rounds.csv", "summary.json", "payloads.jsonl",
                  "checkpoints/round-001.pt", "checkpoints/round-002.pt",
