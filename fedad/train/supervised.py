@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedad.data import AnomalyDataset, Sample
+from fedad.models import MSVTOutput
 from fedad.train.losses import focal_loss, soft_dice_loss
 from fedad.train.synthetic_anomalies import AnomalySynthesizer
 
@@ -54,7 +55,9 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def segmentation_loss(output, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def segmentation_loss(
+    output: MSVTOutput, masks: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Pixel focal + Dice loss on the map and BCE on the image logit.
 
     Args:
@@ -80,15 +83,15 @@ def train_local(
     lr: float,
     seed: int,
     max_batches: int = 0,
-    extra_loss=None,
+    extra_loss: Callable[[MSVTOutput, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on one site's samples.
 
     Args:
         samples: the site's training samples (normal, and real defects with masks).
         max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
-        extra_loss: optional callable (output, batch) -> scalar tensor added to the loss
-            (contrastive alignment plugs in here).
+        extra_loss: optional callable (output, labels [B]) -> scalar tensor added to the loss
+            (FedProx's proximal term; contrastive alignment plugs in here).
     Returns:
         mean losses of the last epoch, ``num-examples`` and ``train_seconds``.
     """
