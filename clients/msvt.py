@@ -48,11 +48,18 @@ class MSVTClient:
         return model_to_arrays(model), MetricRecord(metrics)
 
     def evaluate(self, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord:
-        """Pixel and image accuracy (threshold 0.5) of the global model on the local val split."""
+        """Pixel and image accuracy (threshold 0.5) of the global model on the local val split.
+
+        Never on training data: a site without validation samples replies with an error, which
+        the strategy logs and leaves out.
+        """
+        samples = self.data.samples(self.partition_id, "val")
+        if not samples:
+            raise ValueError(
+                f"partition {self.partition_id}: no local validation samples "
+                f"(val-fraction={self.cfg.val_fraction}; sites with < 5 samples keep none)"
+            )
         model = arrays_to_model(build_model(self.cfg), arrays)
-        samples = self.data.samples(self.partition_id, "val") or self.data.samples(
-            self.partition_id, "train"
-        )
         predictions = predict(model, samples, self.cfg.image_size)
         pixel_acc = float(((predictions.maps >= 0.5) == (predictions.masks > 0.5)).mean())
         image_acc = float(((predictions.image_scores >= 0.5) == (predictions.labels > 0)).mean())

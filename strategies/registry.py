@@ -57,7 +57,7 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
         )
     common = {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": 1.0 if cfg.val_fraction > 0 else 0.0,  # no local val: no client eval
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_train_nodes,
         "min_available_nodes": cfg.min_train_nodes,

@@ -1,0 +1,67 @@
+"""What one MSVT site does: local training, local validation, FedProx's proximal term."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from clients import create_client
+from fedad.config import ExperimentConfig
+from fedad.data import generate_dataset
+from fedad.models import trainable_state_dict
+from fedad.task import build_model, model_to_arrays
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = generate_dataset(tmp_path_factory.mktemp("mvtec"), categories=["washer"],
+                            num_train=12, num_test_good=3, num_test_per_defect=3)
+    return ExperimentConfig(data_path=str(root), category="washer", image_size=64,
+                            local_epochs=2, max_train_batches=2, batch_size=4,
+                            backbone="none")
+
+
+def _distance(a, b) -> float:
+    return sum(float(((a[k].numpy() - b[k].numpy()) ** 2).sum()) for k in a) ** 0.5
+
+
+def test_train_replies_finite_arrays_of_the_global_shape(cfg):
+    torch.manual_seed(0)
+    initial = model_to_arrays(build_model(cfg))
+    arrays, metrics = create_client(cfg, 0, 2).train(initial, ConfigRecord({"server-round": 1}))
+    assert list(arrays.keys()) == list(initial.keys())
+    assert all(np.isfinite(arrays[k].numpy()).all() for k in arrays)
+    assert _distance(arrays, initial) > 0
+    assert metrics["num-examples"] > 0 and np.isfinite(metrics["train_loss"])
+
+
+def test_proximal_term_keeps_the_local_model_near_the_global_one(cfg):
+    torch.manual_seed(0)
+    initial = model_to_arrays(build_model(cfg))
+    client = create_client(cfg.replace(lr=0.01), 0, 2)
+    free, _ = client.train(initial, ConfigRecord({"server-round": 1, "proximal-mu": 0.0}))
+    held, _ = client.train(initial, ConfigRecord({"server-round": 1, "proximal-mu": 100.0}))
+    assert _distance(held, initial) < 0.9 * _distance(free, initial)
+
+
+def test_evaluate_uses_the_local_validation_split(cfg):
+    client = create_client(cfg, 1, 2)
+    metrics = client.evaluate(model_to_arrays(build_model(cfg)), ConfigRecord())
+    assert metrics["num-examples"] == len(client.data.samples(1, "val")) > 0
+    assert 0 <= metrics["val_pixel_accuracy"] <= 1
+
+
+def test_evaluate_never_falls_back_to_training_data(cfg):
+    client = create_client(cfg.replace(val_fraction=0.0), 0, 2)
+    with pytest.raises(ValueError, match="no local validation samples"):
+        client.evaluate(model_to_arrays(build_model(cfg)), ConfigRecord())
+
+
+def test_partition_id_out_of_range_is_refused(cfg):
+    with pytest.raises(ValueError, match="partition-id=2"):
+        create_client(cfg, 2, 2)
+
+
+def test_trainable_state_excludes_nothing_without_a_frozen_backbone(cfg):
+    model = build_model(cfg)
+    assert set(trainable_state_dict(model)) == set(model.state_dict())
