@@ -74,10 +74,13 @@ class GuardedStrategy(Strategy):
     def _screen(
         self, server_round: int, replies: Iterable[Message], *, check_payload: bool
     ) -> list[Message]:
-        kept = []
+        """Accepted replies in an order fixed by their content (so that floating-point
+        aggregation does not depend on arrival order), then error replies."""
+        kept: list[tuple[str, Message]] = []
+        errors = []
         for msg in replies:
             if msg.has_error():
-                kept.append(msg)  # the inner strategy logs and skips error replies
+                errors.append(msg)  # the inner strategy logs and skips error replies
                 continue
             node = msg.metadata.src_node_id
             reason = self._refusal(msg.content, check_payload)
@@ -85,9 +88,11 @@ class GuardedStrategy(Strategy):
                 log.warning("round %d: refused reply from node %d: %s", server_round, node, reason)
                 self._record(server_round, node, msg, accepted=False, reason=reason)
                 continue
-            self._record(server_round, node, msg, accepted=True, reason="")
-            kept.append(msg)
-        return kept
+            row = self._record(server_round, node, msg, accepted=True, reason="")
+            metrics = sorted((k, str(v)) for r in msg.content.metric_records.values()
+                             for k, v in r.items())
+            kept.append((f"{row.get('digest', '')}{metrics}", msg))
+        return [msg for _, msg in sorted(kept, key=lambda pair: pair[0])] + errors
 
     def _refusal(self, content, check_payload: bool) -> str | None:
         for metrics in content.metric_records.values():
@@ -101,10 +106,11 @@ class GuardedStrategy(Strategy):
         return check_arrays(next(iter(content.array_records.values())), self.global_arrays)
 
     def _record(self, server_round: int, node: int, msg: Message, *, accepted: bool,
-                reason: str) -> None:
+                reason: str) -> dict:
         row = {"round": server_round, "node": node, "kind": msg.metadata.message_type,
                "accepted": accepted, "reason": reason}
         for name, arrays in msg.content.array_records.items():
             row.update(record=name, tensors=len(arrays), bytes=arrays.count_bytes(),
                        digest=arrays_digest(arrays))
         self.payload_log.append(row)
+        return row

@@ -78,3 +78,16 @@ def test_all_replies_refused_keeps_the_global_model():
 def test_unknown_strategy_is_a_config_error():
     with pytest.raises(ConfigError, match="strategy='nope'"):
         build_strategy(ExperimentConfig(strategy="nope"))
+
+
+def test_aggregate_does_not_depend_on_arrival_order():
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(size=(64,)).astype(np.float32) * 10.0 ** rng.integers(-3, 4)
+               for _ in range(5)]
+    results = []
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1]):
+        strategy = _configured("fedavg", [np.zeros(64, np.float32)])
+        replies = [_reply(i + 1, [updates[i]], {"num-examples": 3 + i}) for i in order]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        results.append(arrays["0"].numpy())
+    assert np.array_equal(results[0], results[1])
