@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedad.config import ExperimentConfig
@@ -69,7 +70,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
         results.write_jsonl("payloads.jsonl", strategy.payload_log)
         log.info("round %d global: %s", absolute_round,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        return MetricRecord({k: v for k, v in metrics.items() if v == v})
+        return MetricRecord({k: v for k, v in metrics.items() if math.isfinite(v)})
 
     remaining = cfg.num_server_rounds - done
     if remaining > 0:
@@ -77,7 +78,6 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
             grid=grid,
             initial_arrays=model_to_arrays(model),
             num_rounds=remaining,
-            train_config=ConfigRecord({"lr": cfg.lr}),
             evaluate_fn=evaluate_global,
         )
     summary = results.write_summary(cfg, num_clients, {"results_dir": str(results.root)})
