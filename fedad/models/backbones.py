@@ -9,6 +9,7 @@ themselves.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 from collections import OrderedDict
@@ -75,13 +76,20 @@ def load_lite0_state_dict(path: str | Path | None = None) -> dict[str, torch.Ten
     return renamed
 
 
+@functools.lru_cache(maxsize=1)
+def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """:func:`load_lite0_state_dict` of the packaged file, read once per process (every
+    ClientApp message builds a model; loading copies these tensors, never aliases them)."""
+    return load_lite0_state_dict()
+
+
 def pretrained_lite0_classifier() -> nn.Module:
     """timm ``efficientnet_lite0`` with the packaged ImageNet weights, classifier included.
 
     The model maps ImageNet-normalised images [B, 3, H, W] to logits [B, 1000]; eval mode.
     """
     model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
-    model.load_state_dict(load_lite0_state_dict())
+    model.load_state_dict(packaged_lite0_state_dict())
     return model.eval()
 
 
@@ -168,7 +176,7 @@ def create_backbone(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     elif name == "lite0" and pretrained:
-        model.load_state_dict(load_lite0_state_dict())
+        model.load_state_dict(packaged_lite0_state_dict())
     elif pretrained:
         warnings.warn(
             f"backbone {name!r}: no offline weights, randomly initialised (pass checkpoint=...)",
