@@ -1,19 +1,24 @@
-"""Per-method site logic: what a client does in each phase of a method."""
+"""Per-method site logic: what a client does in each phase of a method.
+
+:data:`ACTIONS` lists the custom message actions (``<category>.<action>``) that the ClientApp
+routes besides Flower's defaults; each method's site class handles its own.
+"""
 
 from __future__ import annotations
 
-from clients.msvt import MSVTClient
+from clients.base import SiteClient
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
+from fedad.methods import method_entry, resolve
 
-CLIENTS = {"msvt": MSVTClient}
+ACTIONS: dict[str, tuple[str, ...]] = {"train": (), "evaluate": (), "query": ()}
 
 
-def create_client(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> MSVTClient:
+def create_client(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> SiteClient:
     """The site object of ``cfg.method`` for one partition."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id={partition_id}: must be in [0, num-partitions={num_partitions})"
         )
     data = prepare_data(cfg, num_partitions)
-    return CLIENTS[cfg.method](cfg, data, partition_id)
+    return resolve(method_entry(cfg.method).client)(cfg, data, partition_id)

@@ -11,13 +11,14 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from fedad.methods import method_names
 from partitions import PARTITIONERS
 
-METHODS = ("msvt",)
+Section = TypeVar("Section")
 
 
 class ConfigError(ValueError):
@@ -61,8 +62,10 @@ class ExperimentConfig:
         self._check()
 
     def _check(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise ConfigError(
+                f"method={self.method!r}: expected one of {', '.join(method_names())}"
+            )
         if self.partitioner not in PARTITIONERS:
             raise ConfigError(
                 f"partitioner={self.partitioner!r}: expected one of {', '.join(PARTITIONERS)}"
@@ -120,6 +123,21 @@ class ExperimentConfig:
     def to_yaml(self, path: str | Path) -> None:
         """Write the resolved config."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+    def section(self, cls: type[Section]) -> Section:
+        """A method's own typed settings, read from this config's extra run-config keys.
+
+        ``cls`` is a frozen dataclass whose fields have defaults; the run-config key of field
+        ``tau_cfa`` is ``tau-cfa``. Values are converted to the field types (ConfigError naming
+        the key otherwise) and ``cls.__post_init__`` may validate them.
+        """
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in self.extra.items():
+            name = key.replace("-", "_")
+            if name in names:
+                values[name] = _coerce(cls, name, value)
+        return cls(**values)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some fields changed (validated again)."""

@@ -13,7 +13,7 @@ import torch
 
 from fedad.config import ExperimentConfig
 from fedad.plots import pick_grid_indices, plot_anomaly_grid, plot_metrics_per_round
-from fedad.train.supervised import Predictions
+from fedad.train.predictions import Predictions
 from partitions import write_manifest
 
 

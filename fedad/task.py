@@ -1,23 +1,58 @@
-"""Model helpers shared by the server and the sites (Flower's `task` module)."""
+"""Model helpers shared by the server and the sites (Flower's `task` module).
+
+Methods trained as one federated model (``msvt``, ``mae``) describe themselves with a
+:class:`ModelRecipe`; everything else here is method-independent.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
+from fedad.methods import method_entry, resolve
 from fedad.metrics import anomaly_metrics
-from fedad.models import create_model, load_trainable_state_dict, trainable_state_dict
-from fedad.train.supervised import Predictions, predict
+from fedad.models import load_trainable_state_dict, trainable_state_dict
+from fedad.train.predictions import Predictions
+
+ExtraLoss = Callable[[Any, torch.Tensor], torch.Tensor]
+"""(model output, labels [B]) -> scalar added to the local loss (FedProx, CFA)."""
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How one method builds, trains and runs its model.
+
+    Attributes:
+        build: ``(cfg) -> nn.Module``, with pretrained weights where the method uses them.
+        fit: ``(model, samples, cfg, *, seed, server_round, extra_loss) -> metrics`` trains in
+            place on a site's samples; metrics include ``num-examples``.
+        predict: ``(model, samples, cfg, defect_types) -> Predictions``; ``maps`` and
+            ``image_scores`` lie in [0, 1] and 0.5 is the method's decision threshold.
+    """
+
+    build: Callable[[ExperimentConfig], nn.Module]
+    fit: Callable[..., dict[str, float]]
+    predict: Callable[..., Predictions]
+
+
+def model_recipe(cfg: ExperimentConfig) -> ModelRecipe:
+    """The recipe of ``cfg.method`` (ValueError if the method is not a single-model method)."""
+    entry = method_entry(cfg.method)
+    if not entry.recipe:
+        raise ValueError(f"method={cfg.method!r} is not trained as one federated model")
+    return resolve(entry.recipe)
 
 
 def build_model(cfg: ExperimentConfig) -> nn.Module:
     """The configured method's model, with pretrained weights where the backbone has them."""
-    return create_model(cfg.method, image_size=cfg.image_size, backbone=cfg.backbone,
-                        backbone_checkpoint=cfg.backbone_checkpoint or None)
+    return model_recipe(cfg).build(cfg)
 
 
 def evaluate_model(
@@ -25,8 +60,7 @@ def evaluate_model(
     defect_types: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], Predictions]:
     """Detection metrics of ``model`` on ``samples`` (a test split), and the raw predictions."""
-    predictions = predict(model, samples, cfg.image_size, defect_types=defect_types,
-                          batch_size=max(cfg.batch_size, 16))
+    predictions = model_recipe(cfg).predict(model, samples, cfg, defect_types)
     metrics = anomaly_metrics(
         predictions.labels, predictions.image_scores, predictions.masks, predictions.maps
     )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, RecordDict
 
 from clients import create_client
 from fedad.config import ExperimentConfig
@@ -21,6 +21,15 @@ def cfg(tmp_path_factory):
                             backbone="none")
 
 
+def _content(arrays, config=None) -> RecordDict:
+    return RecordDict({"arrays": arrays, "config": config or ConfigRecord()})
+
+
+def _train(client, arrays, config):
+    reply = client.train(_content(arrays, config))
+    return reply["arrays"], reply["metrics"]
+
+
 def _distance(a, b) -> float:
     return sum(float(((a[k].numpy() - b[k].numpy()) ** 2).sum()) for k in a) ** 0.5
 
@@ -28,7 +37,7 @@ def _distance(a, b) -> float:
 def test_train_replies_finite_arrays_of_the_global_shape(cfg):
     torch.manual_seed(0)
     initial = model_to_arrays(build_model(cfg))
-    arrays, metrics = create_client(cfg, 0, 2).train(initial, ConfigRecord({"server-round": 1}))
+    arrays, metrics = _train(create_client(cfg, 0, 2), initial, ConfigRecord({"server-round": 1}))
     assert list(arrays.keys()) == list(initial.keys())
     assert all(np.isfinite(arrays[k].numpy()).all() for k in arrays)
     assert _distance(arrays, initial) > 0
@@ -39,14 +48,14 @@ def test_proximal_term_keeps_the_local_model_near_the_global_one(cfg):
     torch.manual_seed(0)
     initial = model_to_arrays(build_model(cfg))
     client = create_client(cfg.replace(lr=0.01), 0, 2)
-    free, _ = client.train(initial, ConfigRecord({"server-round": 1, "proximal-mu": 0.0}))
-    held, _ = client.train(initial, ConfigRecord({"server-round": 1, "proximal-mu": 100.0}))
+    free, _ = _train(client, initial, ConfigRecord({"server-round": 1, "proximal-mu": 0.0}))
+    held, _ = _train(client, initial, ConfigRecord({"server-round": 1, "proximal-mu": 100.0}))
     assert _distance(held, initial) < 0.9 * _distance(free, initial)
 
 
 def test_evaluate_uses_the_local_validation_split(cfg):
     client = create_client(cfg, 1, 2)
-    metrics = client.evaluate(model_to_arrays(build_model(cfg)), ConfigRecord())
+    metrics = client.evaluate(_content(model_to_arrays(build_model(cfg))))["metrics"]
     assert metrics["num-examples"] == len(client.data.samples(1, "val")) > 0
     assert 0 <= metrics["val_pixel_accuracy"] <= 1
 
@@ -54,7 +63,7 @@ def test_evaluate_uses_the_local_validation_split(cfg):
 def test_evaluate_never_falls_back_to_training_data(cfg):
     client = create_client(cfg.replace(val_fraction=0.0), 0, 2)
     with pytest.raises(ValueError, match="no local validation samples"):
-        client.evaluate(model_to_arrays(build_model(cfg)), ConfigRecord())
+        client.evaluate(_content(model_to_arrays(build_model(cfg))))
 
 
 def test_partition_id_out_of_range_is_refused(cfg):
@@ -65,3 +74,8 @@ def test_partition_id_out_of_range_is_refused(cfg):
 def test_trainable_state_excludes_nothing_without_a_frozen_backbone(cfg):
     model = build_model(cfg)
     assert set(trainable_state_dict(model)) == set(model.state_dict())
+
+
+def test_a_message_type_the_method_does_not_handle_is_refused(cfg):
+    with pytest.raises(ValueError, match=r"query\.upload-normals"):
+        create_client(cfg, 0, 2).handle("query.upload-normals", RecordDict())

@@ -43,3 +43,18 @@ def test_results_dir_is_absolute_and_unique_per_run(tmp_path, monkeypatch):
     path = ExperimentConfig().resolved_results_dir()
     assert path.is_absolute() and path.parent == tmp_path
     assert ExperimentConfig(results_dir="rel").resolved_results_dir().is_absolute()
+
+
+def test_section_reads_a_methods_own_settings_with_types_and_errors():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Settings:
+        tau: float = 0.1
+        num_steps: int = 3
+        use_gate: bool = False
+
+    cfg = ExperimentConfig.from_run_config({"tau": "0.5", "use-gate": "true", "other": 1})
+    assert cfg.section(Settings) == Settings(tau=0.5, num_steps=3, use_gate=True)
+    with pytest.raises(ConfigError, match="num-steps"):
+        ExperimentConfig.from_run_config({"num-steps": 2.5}).section(Settings)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,26 +17,17 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedad.config import ExperimentConfig
 from fedad.data import AnomalyDataset, Sample
-from fedad.models import MSVTOutput
+from fedad.models import MSVTOutput, create_model
+from fedad.task import ModelRecipe
 from fedad.train.losses import focal_loss, soft_dice_loss
+from fedad.train.predictions import Predictions
 from fedad.train.synthetic_anomalies import AnomalySynthesizer
 
 log = logging.getLogger(__name__)
 
 MAP_SMOOTHING_SIGMA = 2.0  # pixels at 128x128; scaled with image size
-
-
-@dataclass
-class Predictions:
-    """Model outputs on an evaluation set (numpy, CPU)."""
-
-    labels: np.ndarray  # [N] {0,1}
-    defect_classes: np.ndarray  # [N] index into the dataset's defect types
-    image_scores: np.ndarray  # [N] in [0,1]
-    masks: np.ndarray  # [N, H, W] {0,1}
-    maps: np.ndarray  # [N, H, W] in [0,1]
-    images: np.ndarray  # [N, H, W, 3] in [0,1], for plots
 
 
 def make_loader(
@@ -170,9 +160,29 @@ def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
         parts["masks"].append(batch["mask"][:, 0].numpy())
         parts["maps"].append(maps)
         parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    for key in ("image_scores", "maps"):
-        if not np.isfinite(arrays[key]).all():
-            raise FloatingPointError(f"predict: non-finite {key}")
-    return Predictions(**arrays)
+    return Predictions(**{k: np.concatenate(v) for k, v in parts.items()}).check()
+
+
+def build_msvt(cfg: ExperimentConfig) -> nn.Module:
+    """MSVT at ``cfg.image_size`` on ``cfg.backbone`` (pretrained weights where it has them)."""
+    return create_model("msvt", image_size=cfg.image_size, backbone=cfg.backbone,
+                        backbone_checkpoint=cfg.backbone_checkpoint or None)
+
+
+def fit_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, *, seed: int,
+             server_round: int, extra_loss=None) -> dict[str, float]:
+    """One site's local MSVT training for a round (see :func:`train_local`)."""
+    return train_local(model, samples, image_size=cfg.image_size, epochs=cfg.local_epochs,
+                       batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                       max_batches=cfg.max_train_batches, extra_loss=extra_loss)
+
+
+def predict_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
+                 defect_types: Sequence[str] | None = None) -> Predictions:
+    """:func:`predict` with the config's image size and an evaluation batch size."""
+    return predict(model, samples, cfg.image_size, defect_types=defect_types,
+                   batch_size=max(cfg.batch_size, 16))
+
+
+MSVT_RECIPE = ModelRecipe(build=build_msvt, fit=fit_msvt, predict=predict_msvt)
 

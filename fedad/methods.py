@@ -1,0 +1,52 @@
+"""Registry of methods: the server workflow and the site logic behind each ``method`` value.
+
+Entries are ``"module:attribute"`` strings, imported on first use, so that choosing one method
+never imports another method's dependencies.
+
+- ``server``: a function ``(grid, cfg) -> summary dict`` run by the ServerApp.
+- ``client``: a class ``(cfg, data, partition_id)`` answering the ClientApp's messages
+  (see :class:`clients.base.SiteClient`).
+- ``recipe``: for methods trained as one model by :func:`fedad.federation.run_federated`, the
+  :class:`fedad.task.ModelRecipe` that builds, trains and runs the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """Where a method's server workflow, site logic and (optional) model recipe live."""
+
+    server: str
+    client: str
+    recipe: str = ""
+
+
+_MODEL_SERVER = "fedad.federation:run_federated"
+_MODEL_CLIENT = "clients.model:ModelClient"
+
+METHODS: dict[str, MethodEntry] = {
+    "msvt": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.supervised:MSVT_RECIPE"),
+}
+
+
+def method_names() -> tuple[str, ...]:
+    """Values accepted by the ``method`` setting."""
+    return tuple(METHODS)
+
+
+def resolve(reference: str) -> Any:
+    """Import ``"module:attribute"`` and return the attribute."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The registry entry of ``name`` (ValueError naming the setting if unknown)."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[name]
