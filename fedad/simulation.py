@@ -7,6 +7,7 @@ fixed ports; this module reads the final status with `flwr ls` and stops that Su
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -14,8 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +98,10 @@ def run_simulation(
     if run_config:
         text = run_config if isinstance(run_config, str) else format_run_config(run_config)
         command += ["--run-config", text]
-    start = time.perf_counter()
     lines: list[str] = []
-    try:
+    with simulation_lock(echo=echo), contextlib.ExitStack() as cleanup:
+        start = time.perf_counter()
+        cleanup.callback(stop_local_superlink, flwr_home)
         with subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc:
@@ -115,9 +118,25 @@ def run_simulation(
         match = re.search(r"Successfully started run (\d+)", log)
         run_id = int(match.group(1)) if match else None
         status = run_status(run_id, env) if run_id is not None else "unknown"
-    finally:
-        stop_local_superlink(flwr_home)
     return SimulationRun(run_id, status, "".join(lines), time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def simulation_lock(echo: bool = False) -> Iterator[None]:
+    """Hold the machine-wide lock of local simulations (the simulation SuperLink listens on
+    fixed ports, so two `flwr run` simulations on one machine would collide); waits for it."""
+    path = Path(tempfile.gettempdir()) / "fedad-flwr-simulation.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if echo:
+                print(f"fedad: waiting for another simulation to finish ({path})", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_status(run_id: int, env: Mapping[str, str], wait: float = 30.0) -> str:
