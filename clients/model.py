@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from clients.base import SiteClient
 from fedad.seeding import seed_everything
-from fedad.task import arrays_to_model, model_recipe, model_to_arrays
+from fedad.task import ExtraLoss, arrays_to_model, model_recipe, model_to_arrays
+from fedad.train.contrastive import alignment_loss, embed, normal_prototype
 from fedad.train.predictions import Predictions
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,54 @@ class ModelClient(SiteClient):
         recipe = model_recipe(self.cfg)
         model = arrays_to_model(recipe.build(self.cfg), content["arrays"])
         samples = self.data.samples(self.partition_id, "train")
-        mu = float(config.get("proximal-mu", 0.0))
-        extra_loss = _proximal_term(model, mu) if mu > 0 else None
         metrics = recipe.fit(model, samples, self.cfg, seed=seed, server_round=server_round,
-                             extra_loss=extra_loss)
-        log.info("partition %d round %d: %s", self.partition_id, server_round, metrics)
+                             extra_loss=self._extra_loss(model, config))
+        metrics.update(self._statistics(model, config))
+        log.info("partition %d round %d: %s", self.partition_id, server_round,
+                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
         return RecordDict({"arrays": model_to_arrays(model), "metrics": MetricRecord(metrics)})
+
+    def _extra_loss(self, model: torch.nn.Module, config: ConfigRecord) -> ExtraLoss | None:
+        """FedProx's proximal term and CFA's InfoNCE term, as the round's config asks."""
+        terms = []
+        mu = float(config.get("proximal-mu", 0.0))
+        if mu > 0:
+            terms.append(_proximal_term(model, mu))
+        weight = float(config.get("cfa-weight", 0.0))
+        if weight > 0:
+            terms.append(alignment_loss(self._anchors(config), float(config["cfa-tau"]), weight))
+        if len(terms) <= 1:
+            return terms[0] if terms else None
+        return lambda output, labels: sum(term(output, labels) for term in terms)
+
+    def _anchors(self, config: ConfigRecord) -> torch.Tensor | None:
+        """The other sites' normal prototypes [C, D] broadcast with the config (CFA positives)."""
+        if "cfa-anchors" not in config:
+            return None
+        dim = int(config["cfa-anchor-dim"])
+        anchors = torch.tensor(config["cfa-anchors"], dtype=torch.float32).view(-1, dim)
+        others = torch.tensor([p != self.partition_id for p in config["cfa-anchor-partitions"]])
+        return anchors[others]
+
+    def _statistics(self, model: torch.nn.Module, config: ConfigRecord) -> dict:
+        """What ACA / CFA ask for besides the model: q_i on the local val split and the
+        site's normal prototype (a single vector), tagged with the partition."""
+        stats: dict = {}
+        if config.get("report-validation", False):
+            samples = self.data.samples(self.partition_id, "val")
+            if samples:
+                predictions = model_recipe(self.cfg).predict(model, samples, self.cfg, None)
+                stats.update(validation_accuracy(predictions))
+            else:
+                log.warning("partition %d: no validation split, q_i not reported",
+                            self.partition_id)
+        if config.get("send-prototype", False):
+            normal = [s for s in self.data.samples(self.partition_id, "train") if s.label == 0]
+            stats["prototype"] = normal_prototype(
+                embed(model, normal, self.cfg.image_size, self.cfg.batch_size)).tolist()
+        if stats:
+            stats["partition"] = self.partition_id
+        return stats
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Pixel and image accuracy (threshold 0.5) of the global model on the local val split.

@@ -31,6 +31,7 @@ class ExperimentConfig:
 
     method: str = "msvt"
     strategy: str = "fedavg"
+    base_strategy: str = "fedavg"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     num_server_rounds: int = 4
@@ -137,7 +138,10 @@ class ExperimentConfig:
             name = key.replace("-", "_")
             if name in names:
                 values[name] = _coerce(cls, name, value)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some fields changed (validated again)."""

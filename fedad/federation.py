@@ -46,12 +46,13 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
              len(test_samples))
 
     model = build_model(cfg)
+    strategy = build_strategy(cfg)
     done = 0
     if cfg.resume_from:
-        done, state = results.load_latest()
+        done, state, strategy_state = results.load_latest()
         load_trainable_state_dict(model, state)
+        strategy.load_state_dict(strategy_state)
         log.info("resuming after round %d from %s", done, results.root)
-    strategy = build_strategy(cfg)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -64,7 +65,10 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
                                ("client", strategy.last_evaluate_metrics)):
             for key, value in (record or {}).items():
                 row[key if key.startswith(prefix) else f"{prefix}_{key}"] = value
-        results.record_round(absolute_round, row, trainable_state_dict(model))
+        results.record_round(absolute_round, row, trainable_state_dict(model),
+                             strategy.state_dict())
+        results.write_scores(predictions)
+        results.write_client_weights(strategy.client_weights)
         if cfg.plot_every_round or absolute_round == cfg.num_server_rounds:
             results.plot(absolute_round, predictions)
         results.write_jsonl("payloads.jsonl", strategy.payload_log)

@@ -33,10 +33,16 @@ def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
+MAX_METRIC_VALUES = 1024
+"""Longest list a metric may hold: summary statistics (a prototype) cross, features never."""
+
+
 def check_metrics(metrics: MetricRecord) -> str | None:
-    """Why ``metrics`` cannot be used (a non-finite value), or None."""
+    """Why ``metrics`` cannot be used (a non-finite value, an over-long list), or None."""
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
+        if len(values) > MAX_METRIC_VALUES:
+            return f"metric {key}: {len(values)} values (at most {MAX_METRIC_VALUES} may cross)"
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             return f"metric {key}: non-finite value"
     return None

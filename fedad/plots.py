@@ -69,3 +69,25 @@ def pick_grid_indices(labels: np.ndarray, n: int = 8) -> np.ndarray:
     count_n = min(len(normals), n - len(take_d))
     take_n = normals[np.linspace(0, len(normals) - 1, count_n).astype(int)]
     return np.concatenate([take_d, take_n]) if len(defects) else take_n
+
+
+def plot_client_weights(weights: pd.DataFrame, path: Path) -> None:
+    """Each client's aggregation weight against the round.
+
+    Args:
+        weights: rows with columns ``round``, ``weight`` and ``partition`` (or ``node``).
+    """
+    key = "partition" if "partition" in weights and (weights["partition"] >= 0).all() else "node"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for client, rows in weights.groupby(key):
+        ax.plot(rows["round"], rows["weight"], marker="o", label=f"{key} {client}")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("aggregation weight")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Adaptive Client Aggregation: weight per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -8,11 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from fedad.config import ExperimentConfig
-from fedad.plots import pick_grid_indices, plot_anomaly_grid, plot_metrics_per_round
+from fedad.plots import (
+    pick_grid_indices,
+    plot_anomaly_grid,
+    plot_client_weights,
+    plot_metrics_per_round,
+)
 from fedad.train.predictions import Predictions
 from partitions import write_manifest
 
@@ -47,22 +53,41 @@ class ResultsWriter:
         return int(self.rows[-1]["round"]) if self.rows else 0
 
     def record_round(self, server_round: int, metrics: dict[str, float],
-                     state: dict[str, torch.Tensor]) -> None:
-        """Append a row to rounds.csv and checkpoint the global model of this round."""
+                     state: dict[str, torch.Tensor], strategy_state: dict | None = None) -> None:
+        """Append a row to rounds.csv (scalar metrics only) and checkpoint the global model of
+        this round, with the strategy's own state (e.g. ACA's per-client history)."""
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         self.rows = [r for r in self.rows if int(r["round"]) != server_round]
-        self.rows.append({"round": server_round, **metrics})
+        self.rows.append({"round": server_round, **scalars})
         pd.DataFrame(self.rows).to_csv(self.root / "rounds.csv", index=False)
-        torch.save({"round": server_round, "state_dict": state},
-                   self.checkpoints / f"round-{server_round:03d}.pt")
-        torch.save({"round": server_round, "state_dict": state}, self.checkpoints / "latest.pt")
+        checkpoint = {"round": server_round, "state_dict": state,
+                      "strategy": strategy_state or {}}
+        torch.save(checkpoint, self.checkpoints / f"round-{server_round:03d}.pt")
+        torch.save(checkpoint, self.checkpoints / "latest.pt")
 
-    def load_latest(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(round, state dict) of the newest checkpoint."""
+    def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict]:
+        """(round, model state dict, strategy state) of the newest checkpoint."""
         path = self.checkpoints / "latest.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
         checkpoint = torch.load(path, weights_only=True)
-        return int(checkpoint["round"]), checkpoint["state_dict"]
+        return int(checkpoint["round"]), checkpoint["state_dict"], checkpoint.get("strategy", {})
+
+    def write_client_weights(self, rows: list[dict[str, Any]]) -> None:
+        """aggregation_weights.csv (round, node, partition, weight and its factors) and its
+        plot, when the strategy weighs clients adaptively."""
+        if not rows:
+            return
+        table = pd.DataFrame(rows)
+        table.to_csv(self.root / "aggregation_weights.csv", index=False)
+        plot_client_weights(table, self.plots / "aggregation_weights.png")
+
+    def write_scores(self, predictions: Predictions) -> None:
+        """scores.npz: the test split's labels [N], defect classes [N] and image scores [N] of
+        the latest round (ROC curves and tables are rebuilt from it)."""
+        np.savez(self.root / "scores.npz", labels=predictions.labels,
+                 defect_classes=predictions.defect_classes,
+                 image_scores=predictions.image_scores)
 
     def plot(self, server_round: int, predictions: Predictions) -> None:
         """Metrics-per-round curve and the anomaly-map grid of this round."""

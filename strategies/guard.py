@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedad.payloads import arrays_digest, check_arrays, check_metrics
+from strategies.statistics import strategy_chain
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,23 @@ class GuardedStrategy(Strategy):
         kept = self._screen(server_round, replies, check_payload=False)
         self.last_evaluate_metrics = self.inner.aggregate_evaluate(server_round, kept)
         return self.last_evaluate_metrics
+
+    def state_dict(self) -> dict:
+        """State of the wrapped strategies that keep any (by class name), for checkpoints."""
+        return {type(part).__name__: part.state_dict() for part in strategy_chain(self.inner)
+                if hasattr(part, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output into the same chain of strategies."""
+        for part in strategy_chain(self.inner):
+            if type(part).__name__ in state:
+                part.load_state_dict(state[type(part).__name__])
+
+    @property
+    def client_weights(self) -> list[dict]:
+        """Per-round, per-client aggregation weights of an adaptive strategy (else empty)."""
+        return next((list(part.weight_log) for part in strategy_chain(self.inner)
+                     if hasattr(part, "weight_log")), [])
 
     def _screen(
         self, server_round: int, replies: Iterable[Message], *, check_payload: bool

@@ -1,5 +1,9 @@
-"""One registry of server strategies: Flower's built-ins by name, each wrapped in the guard.
+"""One registry of server strategies: Flower's built-ins and Fed-MSVT's by name, each wrapped
+in the guard.
 
+``aca`` (Adaptive Client Aggregation), ``cfa`` (Contrastive Feature Alignment) and ``fedmsvt``
+(both) wrap the Flower strategy named by ``base-strategy`` (fedavg, fedprox, fedavgm, fedadam,
+fedyogi), so Flower's server optimizers and FedProx's proximal term compose with them.
 Strategy parameters come from the experiment config (run-config keys listed in pyproject.toml).
 """
 
@@ -20,6 +24,8 @@ from flwr.serverapp.strategy import (
 )
 
 from fedad.config import ConfigError, ExperimentConfig
+from strategies.aca import WEIGHT_KEY, ACASettings, AdaptiveClientAggregation
+from strategies.cfa import CFASettings, ContrastiveAlignment
 from strategies.guard import GuardedStrategy
 
 StrategyFactory = Callable[[ExperimentConfig, dict], Strategy]
@@ -38,6 +44,11 @@ STRATEGIES: dict[str, StrategyFactory] = {
 }
 
 
+BASE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+FED_MSVT_STRATEGIES = {"aca": ("aca",), "cfa": ("cfa",), "fedmsvt": ("aca", "cfa")}
+"""Fed-MSVT strategies and the mechanisms they stack (innermost first) on the base strategy."""
+
+
 def _server_lr(cfg: ExperimentConfig, name: str) -> dict[str, float]:
     """``server-lr`` under the strategy's own parameter name; 0 keeps Flower's default."""
     return {name: cfg.server_lr} if cfg.server_lr > 0 else {}
@@ -45,13 +56,12 @@ def _server_lr(cfg: ExperimentConfig, name: str) -> dict[str, float]:
 
 def list_strategies() -> list[str]:
     """Names accepted by ``strategy``."""
-    return sorted(STRATEGIES)
+    return sorted([*STRATEGIES, *FED_MSVT_STRATEGIES])
 
 
 def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
     """The strategy named by ``cfg.strategy``, wrapped so bad replies never reach the model."""
-    factory = STRATEGIES.get(cfg.strategy)
-    if factory is None:
+    if cfg.strategy not in list_strategies():
         raise ConfigError(
             f"strategy={cfg.strategy!r}: expected one of {', '.join(list_strategies())}"
         )
@@ -62,4 +72,17 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
         "min_evaluate_nodes": cfg.min_train_nodes,
         "min_available_nodes": cfg.min_train_nodes,
     }
-    return GuardedStrategy(factory(cfg, common))
+    mechanisms = FED_MSVT_STRATEGIES.get(cfg.strategy, ())
+    if not mechanisms:
+        return GuardedStrategy(STRATEGIES[cfg.strategy](cfg, common))
+    if cfg.base_strategy not in BASE_STRATEGIES:
+        raise ConfigError(f"base-strategy={cfg.base_strategy!r}: expected one of "
+                          f"{', '.join(BASE_STRATEGIES)}")
+    if "aca" in mechanisms:
+        common["weighted_by_key"] = WEIGHT_KEY
+    strategy = STRATEGIES[cfg.base_strategy](cfg, common)
+    if "aca" in mechanisms:
+        strategy = AdaptiveClientAggregation(strategy, cfg.section(ACASettings))
+    if "cfa" in mechanisms:
+        strategy = ContrastiveAlignment(strategy, cfg.section(CFASettings))
+    return GuardedStrategy(strategy)

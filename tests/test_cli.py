@@ -63,7 +63,7 @@ def test_results_writer_resumes_history_and_latest_checkpoint(tmp_path):
     assert ResultsWriter(tmp_path).last_round == 0  # a new run in the same folder starts afresh
     again = ResultsWriter(tmp_path, resume=True)  # a restarted server
     assert again.last_round == 2
-    round_, state = again.load_latest()
+    round_, state, _ = again.load_latest()
     assert round_ == 2 and torch.equal(state["w"], torch.full((2,), 2.0))
     again.record_round(2, {"image_auroc": 0.8}, {"w": torch.zeros(2)})  # the round redone
     rows = pd.read_csv(tmp_path / "rounds.csv")

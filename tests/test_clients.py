@@ -79,3 +79,20 @@ def test_trainable_state_excludes_nothing_without_a_frozen_backbone(cfg):
 def test_a_message_type_the_method_does_not_handle_is_refused(cfg):
     with pytest.raises(ValueError, match=r"query\.upload-normals"):
         create_client(cfg, 0, 2).handle("query.upload-normals", RecordDict())
+
+
+def test_train_reports_what_aca_and_cfa_ask_for(cfg):
+    torch.manual_seed(0)
+    initial = model_to_arrays(build_model(cfg))
+    client = create_client(cfg, 1, 2)
+    config = ConfigRecord({"server-round": 2, "report-validation": True, "send-prototype": True,
+                           "cfa-weight": 0.5, "cfa-tau": 0.1, "cfa-anchor-dim": 128,
+                           "cfa-anchors": [1.0] * 128 + [0.5] * 128,
+                           "cfa-anchor-partitions": [0, 1]})
+    _, metrics = _train(client, initial, config)
+    assert 0 <= metrics["val_pixel_accuracy"] <= 1 and metrics["partition"] == 1
+    prototype = np.array(metrics["prototype"])
+    assert prototype.shape == (128,) and np.linalg.norm(prototype) == pytest.approx(1.0, rel=1e-4)
+    assert metrics["train_extra_loss"] > 0
+    _, plain = _train(client, initial, ConfigRecord({"server-round": 2}))
+    assert "prototype" not in plain and "val_pixel_accuracy" not in plain

@@ -55,3 +55,32 @@ def test_two_client_two_round_simulation_completes_and_writes_results(tmp_path):
     crossings = [json.loads(line) for line in (results / "payloads.jsonl").read_text().splitlines()]
     assert {c["node"] for c in crossings if c["kind"] == "train"} and all(
         c["accepted"] for c in crossings)
+
+
+@pytest.mark.slow
+def test_three_client_fedmsvt_simulation_weighs_clients_and_aligns_features(tmp_path):
+    results = tmp_path / "results"
+    data = generate_dataset(tmp_path / "mvtec", categories=["washer"], num_train=18,
+                            num_test_good=4, num_test_per_defect=3)
+    run = run_simulation(
+        PROJECT_ROOT,
+        num_supernodes=3,
+        run_config={
+            "strategy": "fedmsvt", "num-server-rounds": 2, "local-epochs": 1,
+            "max-train-batches": 2, "batch-size": 8, "image-size": 64, "backbone": "none",
+            "results-dir": str(results), "plot-every-round": False, "data-path": str(data),
+            "category": "washer", "val-fraction": 0.3,
+        },
+        flwr_home=tmp_path / "flwr-home",
+        timeout=600,
+    )
+    assert run.completed, f"status {run.status}\n{run.log[-4000:]}"
+    weights = pd.read_csv(results / "aggregation_weights.csv")
+    assert sorted(weights["round"].unique()) == [1, 2] and len(weights) == 6
+    per_round = weights.groupby("round")["weight"].sum()
+    assert per_round.round(6).eq(1.0).all() and (weights["weight"] > 0).all()
+    assert weights["q"].between(0, 1).all() and (weights["s"] > 0).all()
+    assert set(weights["partition"]) == {0, 1, 2}
+    assert (results / "plots" / "aggregation_weights.png").is_file()
+    rounds = pd.read_csv(results / "rounds.csv")
+    assert (rounds["train_extra_loss"] > 0).all()  # the InfoNCE term was trained with
