@@ -48,6 +48,7 @@ class ExperimentConfig:
     backbone_checkpoint: str = ""
     fraction_train: float = 1.0
     min_train_nodes: int = 2
+    round_timeout: float = 3600.0
     val_fraction: float = 0.15
     use_real_defects: bool = True
     max_train_batches: int = 0
@@ -83,6 +84,8 @@ class ExperimentConfig:
             raise ConfigError(f"dirichlet-alpha={self.dirichlet_alpha}: must be > 0")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"val-fraction={self.val_fraction}: must be in [0, 0.5)")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round-timeout={self.round_timeout}: must be > 0 seconds")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train={self.fraction_train}: must be in (0, 1]")
         if self.backbone_checkpoint and not Path(self.backbone_checkpoint).is_file():

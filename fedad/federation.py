@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedad.config import ExperimentConfig
+from fedad.config import ConfigError, ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.models import load_trainable_state_dict, trainable_state_dict
 from fedad.results import ResultsWriter
@@ -30,13 +31,29 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
     return nodes
 
 
+def check_resume_config(cfg: ExperimentConfig, saved_path: Path) -> None:
+    """A resumed run must use the interrupted run's config (the sites build their models and
+    partitions from the run-config they receive); ConfigError naming every differing key."""
+    if not saved_path.is_file():
+        raise ConfigError(f"resume-from={cfg.resume_from!r}: {saved_path} not found")
+    saved = ExperimentConfig.from_yaml(saved_path).to_dict()
+    current = cfg.to_dict()
+    ignored = {"resume-from", "results-dir"}
+    differ = sorted(k for k in set(saved) | set(current) - ignored
+                    if k not in ignored and saved.get(k) != current.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"resume-from={cfg.resume_from!r}: pass the interrupted run's run-config again "
+            f"(from {saved_path}) plus resume-from; differing keys: {changes}"
+        )
+
+
 def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Run ``cfg.num_server_rounds`` rounds and write the results folder; returns the summary."""
     results = ResultsWriter(cfg.resolved_results_dir(), resume=bool(cfg.resume_from))
     if cfg.resume_from:
-        cfg = ExperimentConfig.from_yaml(results.root / "config.yaml").replace(
-            resume_from=cfg.resume_from
-        )
+        check_resume_config(cfg, results.root / "config.yaml")
     seed_everything(cfg.seed)
     num_clients = len(wait_for_nodes(grid, cfg.min_train_nodes))
     data = prepare_data(cfg, num_clients)
@@ -52,6 +69,8 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
         done, state, strategy_state = results.load_latest()
         load_trainable_state_dict(model, state)
         strategy.load_state_dict(strategy_state)
+        strategy.round_offset = done
+        strategy.payload_log = results.read_jsonl("payloads.jsonl")
         log.info("resuming after round %d from %s", done, results.root)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -82,6 +101,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
             grid=grid,
             initial_arrays=model_to_arrays(model),
             num_rounds=remaining,
+            timeout=cfg.round_timeout,
             evaluate_fn=evaluate_global,
         )
     summary = results.write_summary(cfg, num_clients, {"results_dir": str(results.root)})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,13 @@ class ResultsWriter:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         self.rows = [r for r in self.rows if int(r["round"]) != server_round]
         self.rows.append({"round": server_round, **scalars})
-        pd.DataFrame(self.rows).to_csv(self.root / "rounds.csv", index=False)
         checkpoint = {"round": server_round, "state_dict": state,
                       "strategy": strategy_state or {}}
-        torch.save(checkpoint, self.checkpoints / f"round-{server_round:03d}.pt")
-        torch.save(checkpoint, self.checkpoints / "latest.pt")
+        _atomic(self.checkpoints / f"round-{server_round:03d}.pt",
+                lambda path: torch.save(checkpoint, path))
+        _atomic(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
+        _atomic(self.root / "rounds.csv",
+                lambda path: pd.DataFrame(self.rows).to_csv(path, index=False))
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict]:
         """(round, model state dict, strategy state) of the newest checkpoint."""
@@ -111,11 +115,26 @@ class ResultsWriter:
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The rows of a JSON-lines log written by :meth:`write_jsonl` (empty if absent)."""
+        path = self.root / name
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
         """A JSON-lines log (e.g. what crossed to the server)."""
         with open(self.root / name, "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file and a rename, so that a process killed midway
+    leaves the previous version intact, never a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _json_number(value: Any) -> Any:

@@ -22,10 +22,22 @@ log = logging.getLogger(__name__)
 
 
 class GuardedStrategy(Strategy):
-    """Delegates to ``inner`` after dropping replies that must not reach the global model."""
+    """Delegates to ``inner`` after dropping replies that must not reach the global model.
 
-    def __init__(self, inner: Strategy) -> None:
+    Args:
+        inner: the strategy that aggregates.
+        min_replies: a training round with fewer usable replies (sites crashed, timed out or
+            were refused) is skipped with an error log line and the global model kept.
+    Attributes:
+        round_offset: rounds already done before this start (a resumed run), added to the round
+            numbers the inner strategy and the sites see, so a resumed run continues the
+            numbering (and the sites' seeds) of the interrupted one.
+    """
+
+    def __init__(self, inner: Strategy, min_replies: int = 1) -> None:
         self.inner = inner
+        self.min_replies = min_replies
+        self.round_offset = 0
         self.global_arrays: ArrayRecord | None = None
         self.payload_log: list[dict] = []
         self.last_train_metrics: MetricRecord | None = None
@@ -41,13 +53,24 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Remember the global arrays (the reference for checks) and delegate."""
         self.global_arrays = arrays
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop bad replies, aggregate the rest with the inner strategy, check the result."""
+        server_round += self.round_offset
+        replies = list(replies)
         kept = self._screen(server_round, replies, check_payload=True)
+        usable = sum(not msg.has_error() for msg in kept)
+        if usable < self.min_replies:
+            failed = [f"{msg.metadata.src_node_id}: {msg.error.reason}" for msg in kept
+                      if msg.has_error()]
+            log.error("round %d skipped: %d of %d sites sent a usable update (min-train-nodes=%d)"
+                      "; global model kept. Failures: %s", server_round, usable, len(replies),
+                      self.min_replies, "; ".join(failed) or "none")
+            self.last_train_metrics = None
+            return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         if arrays is not None and self.global_arrays is not None:
             reason = check_arrays(arrays, self.global_arrays)
@@ -62,12 +85,14 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config,
+                                             grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Drop replies with non-finite metrics, aggregate the rest."""
+        server_round += self.round_offset
         kept = self._screen(server_round, replies, check_payload=False)
         self.last_evaluate_metrics = self.inner.aggregate_evaluate(server_round, kept)
         return self.last_evaluate_metrics

@@ -74,7 +74,7 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
     }
     mechanisms = FED_MSVT_STRATEGIES.get(cfg.strategy, ())
     if not mechanisms:
-        return GuardedStrategy(STRATEGIES[cfg.strategy](cfg, common))
+        return GuardedStrategy(STRATEGIES[cfg.strategy](cfg, common), cfg.min_train_nodes)
     if cfg.base_strategy not in BASE_STRATEGIES:
         raise ConfigError(f"base-strategy={cfg.base_strategy!r}: expected one of "
                           f"{', '.join(BASE_STRATEGIES)}")
@@ -85,4 +85,4 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
         strategy = AdaptiveClientAggregation(strategy, cfg.section(ACASettings))
     if "cfa" in mechanisms:
         strategy = ContrastiveAlignment(strategy, cfg.section(CFASettings))
-    return GuardedStrategy(strategy)
+    return GuardedStrategy(strategy, cfg.min_train_nodes)

@@ -1,0 +1,115 @@
+"""Fault tolerance of the server workflow: crashed or silent sites, and a server killed midway
+and resumed from its results folder (in-process grid: the real server and site code)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+import fedad.inprocess
+from fedad.config import ConfigError, ExperimentConfig
+from fedad.data import generate_dataset
+from fedad.federation import run_federated
+from fedad.inprocess import InProcessGrid, run_in_process
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("mvtec"), categories=["washer"],
+                            num_train=18, num_test_good=3, num_test_per_defect=2)
+
+
+def _cfg(data_path, results, **changes):
+    return ExperimentConfig.from_run_config({
+        "data-path": str(data_path), "category": "washer", "image-size": 64, "backbone": "none",
+        "local-epochs": 1, "max-train-batches": 1, "batch-size": 8, "num-server-rounds": 3,
+        "results-dir": str(results), "plot-every-round": False, "val-fraction": 0.3,
+        "min-train-nodes": 2, **changes})
+
+
+@pytest.fixture
+def crashing_site(monkeypatch):
+    """Partition 1 raises in every message, as a crashed ClientApp does."""
+    real = fedad.inprocess.create_client
+
+    def create(cfg, partition_id, num_partitions):
+        if partition_id == 1:
+            raise RuntimeError("site 1 crashed")
+        return real(cfg, partition_id, num_partitions)
+
+    monkeypatch.setattr(fedad.inprocess, "create_client", create)
+
+
+def test_a_round_completes_with_the_sites_that_replied(data_path, tmp_path, crashing_site):
+    summary = run_in_process(_cfg(data_path, tmp_path, strategy="aca"), 3)
+    assert summary["rounds"] == 3
+    weights = pd.read_csv(tmp_path / "aggregation_weights.csv")
+    assert set(weights["partition"]) == {0, 2}  # the crashed site is in no aggregate
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert rounds["image_auroc"].nunique() > 1  # the global model moved
+
+
+class _SilentGrid(InProcessGrid):
+    """Only the first site answers training messages (the others time out)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        training = messages and messages[0].metadata.message_type == "train"
+        keep = messages[:1] if training else messages
+        return super().send_and_receive(keep, timeout=timeout)
+
+
+def test_too_few_replies_skip_the_round_loudly(data_path, tmp_path, caplog):
+    cfg = _cfg(data_path, tmp_path, **{"num-server-rounds": 2})
+    with caplog.at_level(logging.ERROR):
+        run_federated(_SilentGrid(cfg, 3), cfg)
+    skipped = [r.message for r in caplog.records if "skipped" in r.message]
+    assert len(skipped) == 2 and "1 of 1 sites" in skipped[0] and "min-train-nodes=2" in skipped[0]
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert rounds["image_auroc"].nunique() == 1  # the global model was kept both rounds
+
+
+RUN_AND_WAIT = """
+import sys
+from fedad.config import ConfigError, ExperimentConfig
+from fedad.inprocess import run_in_process
+run_in_process(ExperimentConfig.from_yaml(sys.argv[1]), 3)
+"""
+
+
+def test_a_killed_server_resumes_from_its_last_checkpoint(data_path, tmp_path):
+    reference = run_in_process(_cfg(data_path, tmp_path / "reference", strategy="fedmsvt"), 3)
+
+    results = tmp_path / "killed"
+    cfg = _cfg(data_path, results, strategy="fedmsvt", **{"num-server-rounds": 3})
+    cfg.to_yaml(tmp_path / "cfg.yaml")
+    proc = subprocess.Popen([sys.executable, "-c", RUN_AND_WAIT, str(tmp_path / "cfg.yaml")],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 120
+        while not (results / "checkpoints" / "round-002.pt").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint of round 2 after 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (results / "checkpoints" / "round-003.pt").exists()
+
+    with pytest.raises(ConfigError, match="num-server-rounds: 3 -> 4"):
+        run_in_process(cfg.replace(resume_from=str(results), num_server_rounds=4), 3)
+    resumed = run_in_process(cfg.replace(resume_from=str(results)), 3)
+    assert resumed["rounds"] == 3
+    rounds = pd.read_csv(results / "rounds.csv")
+    assert rounds["round"].tolist() == [1, 2, 3]
+    expected = reference["final"]
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert resumed["final"][metric] == pytest.approx(expected[metric], abs=1e-6), metric
+    weights = pd.read_csv(results / "aggregation_weights.csv")
+    assert sorted(weights["round"].unique()) == [1, 2, 3]
