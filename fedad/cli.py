@@ -58,8 +58,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
     flwr_home = args.flwr_home or os.environ.get("FLWR_HOME") or tempfile.mkdtemp(
         prefix="fedad-flwr-")
+    run_config = args.run_config or {}
+    if args.resume_from:
+        run_config = resume_run_config(args.resume_from, args.run_config)
     run = run_simulation(
-        args.app, num_supernodes=args.num_supernodes, run_config=args.run_config or {},
+        args.app, num_supernodes=args.num_supernodes, run_config=run_config,
         flwr_home=flwr_home, echo=True,
     )
     print(f"fedad: run {run.run_id} {run.status} in {run.seconds:.0f} s")
@@ -67,6 +70,20 @@ def _simulate(args: argparse.Namespace) -> int:
     if results:
         print(f"fedad: results in {results.group(1)}")
     return 0 if run.completed else 1
+
+
+def resume_run_config(results_dir: str, extra: str = "") -> str:
+    """The run-config text that resumes ``results_dir``: its saved config.yaml plus
+    ``resume-from`` (and any ``extra`` text, which the server checks against the saved one)."""
+    from fedad.config import ConfigError, ExperimentConfig
+    from fedad.simulation import format_run_config
+
+    saved = Path(results_dir).expanduser().resolve() / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume-from {results_dir}: {saved} not found")
+    values = ExperimentConfig.from_yaml(saved).to_dict()
+    values["resume-from"] = str(saved.parent)
+    return " ".join(filter(None, [format_run_config(values), extra]))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -121,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-supernodes", type=int, default=4)
     sim.add_argument("--run-config", default="", help="e.g. \"num-server-rounds=3 lr=0.001\"")
     sim.add_argument("--flwr-home", default="")
+    sim.add_argument("--resume-from", default="",
+                     help="continue an interrupted run from its results folder (same config)")
     sim.set_defaults(func=_simulate)
 
     report = sub.add_parser("report", help="rebuild plots and tables of a results folder")

@@ -71,3 +71,14 @@ def test_results_writer_resumes_history_and_latest_checkpoint(tmp_path):
     summary = again.write_summary(ExperimentConfig(), 3, {})
     assert json.loads((tmp_path / "summary.json").read_text())["final"]["image_auroc"] == 0.8
     assert summary["rounds"] == 2 and summary["num_clients"] == 3
+
+
+def test_resume_run_config_repeats_the_saved_config(tmp_path):
+    from fedad.cli import resume_run_config
+
+    ExperimentConfig(strategy="aca", num_server_rounds=5).to_yaml(tmp_path / "config.yaml")
+    text = resume_run_config(str(tmp_path))
+    assert "strategy='aca'" in text and "num-server-rounds=5" in text
+    assert f"resume-from='{tmp_path.resolve()}'" in text
+    with pytest.raises(ValueError, match="config.yaml not found"):
+        resume_run_config(str(tmp_path / "missing"))
