@@ -10,8 +10,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,22 +85,47 @@ def resume_run_config(results_dir: str, extra: str = "") -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedad.plots import plot_metrics_per_round
+    from fedad.bench.report import is_sweep, run_report, sweep_report
+    from fedad.bench.spec import SweepError
 
     root = Path(args.dir)
-    rounds_path = root / "rounds.csv"
-    if not rounds_path.exists():
-        print(f"error: {rounds_path}: not found (is {root} a fedad results folder?)",
-              file=sys.stderr)
+    try:
+        if is_sweep(root):
+            for path in sweep_report(root):
+                print(f"wrote {path}")
+            print((root / "table.md").read_text())
+            return 0
+        rounds, plots = run_report(root)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
-    rounds = pd.read_csv(rounds_path)
-    (root / "plots").mkdir(exist_ok=True)
-    plot_metrics_per_round(rounds, root / "plots" / "metrics_per_round.png")
     print(rounds.to_markdown(index=False, floatfmt=".4f"))
     summary = root / "summary.json"
     if summary.exists():
         print(json.dumps(json.loads(summary.read_text())["final"], indent=2))
+    print("\n".join(f"wrote {path}" for path in plots))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fedad.bench import SweepError, load_spec, run_sweep
+    from fedad.bench.report import sweep_report
+
+    try:
+        spec = load_spec(args.config)
+        base = Path(os.environ.get("FEDAD_RESULTS", Path.home() / "fedad-results"))
+        out = Path(args.out) if args.out else base / "sweeps" / spec.name
+        print(f"fedad: sweep {spec.name}: {len(spec.cells())} cells into {out}", flush=True)
+        outcomes = run_sweep(spec, out, max_cells=args.max_cells or None)
+        sweep_report(out, spec)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    print(f"fedad: {counts['done']} run, {counts['skipped']} already finished, "
+          f"{counts['failed']} failed; tables in {out}")
+    print((out / "table.md").read_text())
+    return 1 if counts["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its results folder (same config)")
     sim.set_defaults(func=_simulate)
 
-    report = sub.add_parser("report", help="rebuild plots and tables of a results folder")
+    bench = sub.add_parser("bench", help="run a YAML sweep of simulations (resumable) into "
+                           "tables and plots")
+    bench.add_argument("config", help="sweep file, e.g. configs/strategies.yaml")
+    bench.add_argument("--out", default="",
+                       help="sweep folder (default: $FEDAD_RESULTS or ~/fedad-results, "
+                            "/sweeps/<name>); a rerun skips its finished cells")
+    bench.add_argument("--max-cells", type=int, default=0,
+                       help="stop after running this many cells (0: all)")
+    bench.set_defaults(func=_bench)
+
+    report = sub.add_parser("report", help="rebuild plots and tables of a results folder or "
+                            "of a sweep folder")
     report.add_argument("dir")
     report.set_defaults(func=_report)
     return parser

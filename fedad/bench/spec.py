@@ -1,0 +1,273 @@
+"""The sweep file: fixed run-config values, a grid of swept values, the centralized reference.
+
+A sweep file (YAML, kebab-case run-config keys)::
+
+    name: strategies
+    fixed: {image-size: 64, num-server-rounds: 3}       # every cell
+    grid:                                               # cartesian product, in this order
+      strategy: [fedavg, fedprox]
+      partitioner: [iid, label-wise]
+      num-clients: [4]                                  # simulated SuperNodes
+      seed: [0, 1]
+    exclude: [{partitioner: label-wise, num-clients: 10}]   # combinations left out
+    centralized: true           # or a mapping of values the reference cells use instead
+    table: {rows: [strategy, partitioner], metrics: [image_auroc, aupro]}
+    cell-timeout: 1800          # seconds per `flwr run`
+
+Each combination is a federated cell. The centralized reference is one client holding all the
+data (1 SuperNode, ``min-train-nodes=1``, FedAvg over a single IID partition) with the same
+training budget; there is one reference cell per combination of the keys that do not concern the
+federation (e.g. per seed, per batch size).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+NUM_CLIENTS = "num-clients"
+FEDERATED, CENTRALIZED = "federated", "centralized"
+NOT_APPLICABLE = "–"
+DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+FEDERATION_KEYS = frozenset({
+    "strategy", "base-strategy", "partitioner", "dirichlet-alpha", NUM_CLIENTS, "fraction-train",
+    "min-train-nodes", "proximal-mu", "server-lr", "server-momentum", "trim-beta",
+    "num-malicious-nodes",
+})
+FEDERATION_PREFIXES = ("aca-", "cfa-")
+SPEC_KEYS = frozenset({"name", "fixed", "grid", "exclude", "centralized", "table",
+                       "cell-timeout", "cpus-per-client"})
+TABLE_KEYS = frozenset({"rows", "metrics", "columns", "labels", "values"})
+
+
+class SweepError(ValueError):
+    """A sweep file or sweep folder is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Layout of the sweep's table.
+
+    Attributes:
+        rows: swept keys that identify a row (``seed`` is averaged over, never a row key).
+        metrics: summary metrics shown as mean ± std over seeds.
+        columns: optional swept key whose values become column groups (``value / metric``).
+        labels: header renames, e.g. ``{partitioner: IID}``.
+        values: value renames per key, e.g. ``{partitioner: {iid: ✓, label-wise: ✗}}``.
+    """
+
+    rows: tuple[str, ...]
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    columns: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    values: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulation of the sweep.
+
+    Attributes:
+        name: folder name, unique in the sweep, built from the swept values.
+        kind: ``federated`` or ``centralized``.
+        params: the swept values as shown in tables (``strategy`` is ``centralized`` and other
+            federation keys ``–`` for the reference).
+        run_config: the run-config of its `flwr run` (the sweep adds ``results-dir``).
+        num_clients: simulated SuperNodes.
+    """
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    run_config: dict[str, Any]
+    num_clients: int
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep file (see the module docstring)."""
+
+    name: str
+    source: str
+    fixed: dict[str, Any]
+    grid: dict[str, tuple[Any, ...]]
+    centralized: dict[str, Any] | None
+    table: TableSpec
+    exclude: tuple[dict[str, Any], ...] = ()
+    cell_timeout: float = 3600.0
+    cpus_per_client: int = 1
+
+    def cells(self) -> list[Cell]:
+        """The centralized reference cells first, then every federated combination."""
+        out = self._centralized_cells() if self.centralized is not None else []
+        keys = list(self.grid)
+        for combo in itertools.product(*self.grid.values()):
+            params = dict(zip(keys, combo, strict=True))
+            if any(all(params[k] == v for k, v in rule.items()) for rule in self.exclude):
+                continue
+            values = {**self.fixed, **params}
+            num_clients = int(values.pop(NUM_CLIENTS))
+            run_config = {"min-train-nodes": num_clients, **values}
+            name = _cell_name(params)
+            out.append(Cell(name, FEDERATED, _table_params(params, num_clients), run_config,
+                            num_clients))
+        return out
+
+    def _centralized_cells(self) -> list[Cell]:
+        assert self.centralized is not None
+        kept = [k for k in self.grid if not is_federation_key(k) and k not in self.centralized]
+        cells = []
+        for combo in itertools.product(*(self.grid[k] for k in kept)):
+            chosen = dict(zip(kept, combo, strict=True))
+            values = {k: v for k, v in self.fixed.items() if not is_federation_key(k)}
+            values.update({**chosen, **self.centralized})
+            run_config = {**values, "strategy": "fedavg", "partitioner": "iid",
+                          "min-train-nodes": 1}
+            params = {k: _centralized_param(k, chosen, self.centralized) for k in self.grid}
+            name = _cell_name({CENTRALIZED: "ref", **chosen})
+            cells.append(Cell(name, CENTRALIZED, _table_params(params, 1), run_config, 1))
+        return cells
+
+
+def is_federation_key(key: str) -> bool:
+    """True for settings that only concern the federation (strategy, partitions, clients)."""
+    return key in FEDERATION_KEYS or key.startswith(FEDERATION_PREFIXES)
+
+
+def _centralized_param(key: str, chosen: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    if key == "strategy":
+        return CENTRALIZED
+    if key == NUM_CLIENTS:
+        return 1
+    if key in overrides:
+        return overrides[key]
+    return chosen.get(key, NOT_APPLICABLE)
+
+
+def _table_params(params: dict[str, Any], num_clients: int) -> dict[str, Any]:
+    return {**params, NUM_CLIENTS: num_clients}
+
+
+def _cell_name(params: dict[str, Any]) -> str:
+    """``{"strategy": "fedavg", "seed": 0}`` -> ``strategy-fedavg__seed-0`` (folder-safe)."""
+    parts = [f"{key}-{re.sub(r'[^A-Za-z0-9.]+', '-', str(value)).strip('-')}"
+             for key, value in params.items()]
+    return "__".join(parts) or "cell"
+
+
+def app_config_keys(app_dir: Path = PROJECT_ROOT) -> frozenset[str]:
+    """Run-config keys the Flower App declares ([tool.flwr.app.config] of its pyproject.toml)."""
+    with open(app_dir / "pyproject.toml", "rb") as handle:
+        return frozenset(tomli.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def load_spec(path: str | Path, app_dir: Path = PROJECT_ROOT) -> SweepSpec:
+    """Read and validate a sweep file (SweepError naming the file and key otherwise)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SweepError(f"{path}: cannot read sweep file ({err})") from err
+    return parse_spec(data, str(path), app_config_keys(app_dir), default_name=path.stem)
+
+
+def parse_spec(data: Any, source: str, known_keys: frozenset[str],
+               default_name: str = "sweep") -> SweepSpec:
+    """Validate the mapping of a sweep file; ``known_keys`` are the App's run-config keys."""
+    if not isinstance(data, dict):
+        raise SweepError(f"{source}: expected a mapping with 'fixed' and 'grid'")
+    _no_unknown(data, SPEC_KEYS, source, "")
+    fixed = _mapping(data.get("fixed"), source, "fixed")
+    grid_raw = _mapping(data.get("grid"), source, "grid")
+    grid: dict[str, tuple[Any, ...]] = {}
+    for key, values in grid_raw.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{source}: grid.{key}: expected a non-empty list of values")
+        if len(set(map(str, values))) != len(values):
+            raise SweepError(f"{source}: grid.{key}: repeated values {values}")
+        grid[key] = tuple(values)
+    both = set(fixed) & set(grid)
+    if both:
+        raise SweepError(f"{source}: {', '.join(sorted(both))} both fixed and swept")
+    centralized = _centralized(data.get("centralized", False), source)
+    exclude = data.get("exclude") or []
+    if not isinstance(exclude, list):
+        raise SweepError(f"{source}: exclude: expected a list of mappings")
+    for i, rule in enumerate(exclude):
+        rule = _mapping(rule, source, f"exclude[{i}]")
+        unknown = set(rule) - set(grid)
+        if not rule or unknown:
+            raise SweepError(f"{source}: exclude[{i}]: {sorted(unknown) or 'empty'}: only "
+                             f"swept keys ({', '.join(grid)})")
+    for section, keys in (("fixed", fixed), ("grid", grid), ("centralized", centralized or {})):
+        for key in keys:
+            if key in ("results-dir", "resume-from"):
+                raise SweepError(f"{source}: {section}.{key}: set by the sweep for each cell")
+            if key not in known_keys and key != NUM_CLIENTS:
+                raise SweepError(f"{source}: {section}.{key}: not a run-config key of the App "
+                                 "(see [tool.flwr.app.config] in pyproject.toml)")
+    clients = grid.get(NUM_CLIENTS, (fixed.get(NUM_CLIENTS),))
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in clients):
+        raise SweepError(f"{source}: {NUM_CLIENTS}: expected positive integers, got {clients}")
+    timeout = float(data.get("cell-timeout", 3600.0))
+    cpus = data.get("cpus-per-client", 1)
+    if timeout <= 0 or not isinstance(cpus, int) or cpus < 1:
+        raise SweepError(f"{source}: cell-timeout must be > 0 and cpus-per-client an int >= 1")
+    return SweepSpec(
+        name=str(data.get("name", default_name)), source=source, fixed=fixed, grid=grid,
+        centralized=centralized, table=_table(data.get("table"), grid, source),
+        exclude=tuple(_mapping(rule, source, "exclude") for rule in exclude),
+        cell_timeout=timeout, cpus_per_client=cpus,
+    )
+
+
+def _centralized(value: Any, source: str) -> dict[str, Any] | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    return _mapping(value, source, "centralized")
+
+
+def _table(value: Any, grid: dict[str, tuple[Any, ...]], source: str) -> TableSpec:
+    table = _mapping(value, source, "table")
+    _no_unknown(table, TABLE_KEYS, source, "table.")
+    swept = [k for k in grid if k != "seed"]
+    rows = tuple(table.get("rows", [k for k in swept if k != table.get("columns")]))
+    columns = str(table.get("columns", ""))
+    for key in (*rows, *([columns] if columns else [])):
+        if key not in grid:
+            raise SweepError(f"{source}: table: {key!r} is not a swept key (grid: "
+                             f"{', '.join(grid)})")
+    if "seed" in rows or columns == "seed":
+        raise SweepError(f"{source}: table: seed is averaged over, not a row or column")
+    metrics = tuple(table.get("metrics", DEFAULT_METRICS))
+    if not metrics:
+        raise SweepError(f"{source}: table.metrics: expected at least one metric")
+    values = {k: {str(a): str(b) for a, b in _mapping(v, source, f"table.values.{k}").items()}
+              for k, v in _mapping(table.get("values"), source, "table.values").items()}
+    labels = {str(k): str(v) for k, v in _mapping(table.get("labels"), source,
+                                                     "table.labels").items()}
+    return TableSpec(rows=rows, metrics=metrics, columns=columns, labels=labels, values=values)
+
+
+def _mapping(value: Any, source: str, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _no_unknown(data: dict, allowed: frozenset[str], source: str, prefix: str) -> None:
+    unknown = sorted(set(map(str, data)) - allowed)
+    if unknown:
+        raise SweepError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
+                         f"(expected {', '.join(sorted(allowed))})")

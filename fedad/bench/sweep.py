@@ -1,0 +1,158 @@
+"""Run a sweep's cells as real Flower simulations, resumably.
+
+Folder layout of a sweep ``OUT``::
+
+    OUT/sweep.yaml                 the sweep file as run
+    OUT/cells/<cell>/cell.json     what the cell is (params, run-config, clients)
+    OUT/cells/<cell>/...           the run's results folder (summary.json when it finished)
+    OUT/cells/<cell>/flwr.log      the streamed `flwr run` log
+    OUT/cells/<cell>/error.json    status, error and log tail of a failed cell
+
+A cell whose folder holds summary.json is finished and skipped on a rerun; a failed cell is
+recorded and retried on the next run; the sweep goes on after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from fedad.bench.spec import PROJECT_ROOT, Cell, SweepError, SweepSpec
+from fedad.config import ConfigError, ExperimentConfig
+from fedad.simulation import SimulationRun, run_simulation
+
+LOG_TAIL_CHARS = 4000
+CELLS = "cells"
+
+CellRunner = Callable[[Cell, Path, SweepSpec, Path], SimulationRun]
+"""(cell, its results folder, the sweep, FLWR_HOME) -> how its simulation ended."""
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What happened to one cell in this invocation: ``done``, ``skipped`` or ``failed``."""
+
+    cell: Cell
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+def simulate_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path) -> SimulationRun:
+    """The cell as a real `flwr run` simulation (Ray backend) writing into ``folder``."""
+    return run_simulation(
+        PROJECT_ROOT, num_supernodes=cell.num_clients,
+        run_config={**cell.run_config, "results-dir": str(folder)},
+        flwr_home=flwr_home, cpus_per_client=spec.cpus_per_client, timeout=spec.cell_timeout,
+    )
+
+
+def cell_folder(out: Path, cell: Cell) -> Path:
+    """Results folder of ``cell`` in the sweep folder ``out``."""
+    return out / CELLS / cell.name
+
+
+def is_finished(folder: Path) -> bool:
+    """A cell is finished when its run wrote summary.json."""
+    return (folder / "summary.json").is_file()
+
+
+def run_sweep(
+    spec: SweepSpec, out: str | Path, *, max_cells: int | None = None,
+    runner: CellRunner = simulate_cell, progress: bool = True,
+) -> list[CellOutcome]:
+    """Run every unfinished cell of ``spec`` into ``out`` (see the module docstring).
+
+    Args:
+        max_cells: stop after running this many cells (finished cells skipped do not count).
+        runner: how a cell is run (a real simulation; tests may pass another).
+        progress: show a progress bar with elapsed time and ETA on stderr.
+
+    Returns:
+        one outcome per cell finished before or run now, in sweep order.
+    """
+    out = Path(out).expanduser().resolve()
+    (out / CELLS).mkdir(parents=True, exist_ok=True)
+    Path(out / "sweep.yaml").write_text(Path(spec.source).read_text()
+                                        if Path(spec.source).is_file() else "")
+    flwr_home = out / ".flwr-home"
+    outcomes: dict[str, CellOutcome] = {}
+    pending = []
+    for cell in spec.cells():
+        if is_finished(cell_folder(out, cell)):
+            _check_same_cell(cell, cell_folder(out, cell))
+            outcomes[cell.name] = CellOutcome(cell, "skipped")
+        else:
+            pending.append(cell)
+    if outcomes and progress:
+        print(f"{spec.name}: {len(outcomes)} finished cells kept, {len(pending)} to run",
+              file=sys.stderr, flush=True)
+    pending = pending[:max_cells] if max_cells is not None else pending
+    bar = tqdm(pending, desc=spec.name, unit="cell", disable=not progress, dynamic_ncols=True)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        last = _run_cell(cell, cell_folder(out, cell), spec, flwr_home, runner)
+        outcomes[cell.name] = last
+        bar.write(f"{last.status:6s} {cell.name} ({last.seconds:.0f} s)"
+                  + (f": {last.error.splitlines()[0]}" if last.error else ""))
+    bar.close()
+    return [outcomes[c.name] for c in spec.cells() if c.name in outcomes]
+
+
+def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
+              runner: CellRunner) -> CellOutcome:
+    """Run one cell; a failure is written to error.json and returned, never raised."""
+    if folder.exists():
+        shutil.rmtree(folder)  # a failed or interrupted attempt: start the cell afresh
+    folder.mkdir(parents=True)
+    _write_json(folder / "cell.json", cell_record(cell))
+    start = time.perf_counter()
+    try:
+        ExperimentConfig.from_run_config({**cell.run_config, "results-dir": str(folder)})
+        run = runner(cell, folder, spec, flwr_home)
+    except (ConfigError, ValueError, OSError) as err:
+        return _failed(cell, folder, "not started", f"{type(err).__name__}: {err}", "",
+                       time.perf_counter() - start)
+    (folder / "flwr.log").write_text(run.log)
+    if not run.completed:
+        return _failed(cell, folder, run.status, f"flwr run ended with status {run.status}",
+                       run.log, run.seconds)
+    if not is_finished(folder):
+        return _failed(cell, folder, run.status, "run completed without writing summary.json",
+                       run.log, run.seconds)
+    return CellOutcome(cell, "done", run.seconds)
+
+
+def _failed(cell: Cell, folder: Path, status: str, error: str, log: str,
+            seconds: float) -> CellOutcome:
+    _write_json(folder / "error.json", {"status": status, "error": error,
+                                        "log_tail": log[-LOG_TAIL_CHARS:]})
+    return CellOutcome(cell, "failed", seconds, error)
+
+
+def cell_record(cell: Cell) -> dict[str, Any]:
+    """The JSON form of a cell saved in its folder (what the tables read back)."""
+    return {"name": cell.name, "kind": cell.kind, "params": cell.params,
+            "run_config": cell.run_config, "num_clients": cell.num_clients}
+
+
+def _check_same_cell(cell: Cell, folder: Path) -> None:
+    """A finished cell is reused only if it ran the same run-config."""
+    saved = json.loads((folder / "cell.json").read_text()) if (folder / "cell.json").is_file() \
+        else {}
+    if saved.get("run_config") != json.loads(json.dumps(cell.run_config)):
+        raise SweepError(
+            f"{folder}: finished with a different run-config than the sweep file now gives "
+            f"({saved.get('run_config')} vs {cell.run_config}); use another output folder")
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str))
