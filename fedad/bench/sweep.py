@@ -101,8 +101,9 @@ def run_sweep(
         bar.set_postfix_str(cell.name)
         last = _run_cell(cell, cell_folder(out, cell), spec, flwr_home, runner)
         outcomes[cell.name] = last
-        bar.write(f"{last.status:6s} {cell.name} ({last.seconds:.0f} s)"
-                  + (f": {last.error.splitlines()[0]}" if last.error else ""))
+        if progress:
+            bar.write(f"{last.status:6s} {cell.name} ({last.seconds:.0f} s)"
+                      + (f": {last.error.splitlines()[0]}" if last.error else ""))
     bar.close()
     return [outcomes[c.name] for c in spec.cells() if c.name in outcomes]
 

@@ -1,0 +1,179 @@
+"""Sweep files, resumption, failure records, tables and plots, with a stand-in cell runner that
+writes what a finished run writes (the real simulations are in test_bench_sweep.py)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedad.bench import SweepError, load_spec, run_sweep
+from fedad.bench.report import sweep_report
+from fedad.bench.spec import app_config_keys, parse_spec
+from fedad.bench.tables import collect_runs, display_table, summarize
+from fedad.simulation import SimulationRun
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+KEYS = app_config_keys()
+
+
+def _spec(**changes):
+    data = {"fixed": {"image-size": 32, "local-epochs": 1},
+            "grid": {"strategy": ["fedavg", "fedprox"], "partitioner": ["iid", "label-wise"],
+                     "num-clients": [3], "seed": [0, 1]},
+            "centralized": True, "table": {"metrics": ["image_auroc"]}}
+    data.update(changes)
+    return parse_spec(data, "test.yaml", KEYS)
+
+
+def _accuracy(cell) -> float:
+    """A made-up final metric that depends on the cell's settings."""
+    config = cell.run_config
+    return round(0.01 * config.get("local-epochs", 1) + 0.001 * config.get("seed", 0)
+                 + (0.2 if config.get("partitioner") == "iid" else 0.0)
+                 + 0.01 * cell.num_clients, 6)
+
+
+class FakeRunner:
+    """Writes rounds.csv, summary.json, scores.npz like a finished run; fails on request."""
+
+    def __init__(self, fail: str = ""):
+        self.fail = fail
+        self.ran: list[str] = []
+
+    def __call__(self, cell, folder, spec, flwr_home):
+        self.ran.append(cell.name)
+        if self.fail and self.fail in cell.name:
+            return SimulationRun(7, "finished:failed", "x" * 5000 + "\nValueError: boom", 2.0)
+        value = _accuracy(cell)
+        pd.DataFrame({"round": [1, 2], "image_auroc": [value / 2, value],
+                      "class_accuracy": [value / 2, value]}).to_csv(folder / "rounds.csv",
+                                                                    index=False)
+        (folder / "summary.json").write_text(json.dumps({"seconds": 1.5, "final": {
+            "round": 2, "image_auroc": value, "class_accuracy": value}}))
+        rng = np.random.default_rng(len(cell.name))
+        labels = np.array([0, 0, 1, 1, 1])
+        np.savez(folder / "scores.npz", labels=labels, image_scores=labels * value
+                 + rng.uniform(0, 0.1, 5))
+        return SimulationRun(7, "finished:completed", "log", 1.5)
+
+
+def test_cells_expand_the_grid_and_add_a_centralized_reference_per_seed():
+    cells = _spec().cells()
+    reference = [c for c in cells if c.kind == "centralized"]
+    federated = [c for c in cells if c.kind == "federated"]
+    assert len(federated) == 8 and len(reference) == 2 and cells[:2] == reference
+    for cell in reference:
+        assert cell.num_clients == 1 and cell.run_config["min-train-nodes"] == 1
+        assert cell.run_config["strategy"] == "fedavg" and cell.run_config["partitioner"] == "iid"
+        assert cell.params["strategy"] == "centralized" and cell.params["partitioner"] == "–"
+    assert {c.run_config["seed"] for c in reference} == {0, 1}
+    assert all(c.run_config["min-train-nodes"] == 3 and c.num_clients == 3 for c in federated)
+    assert "num-clients" not in federated[0].run_config
+    assert len({c.name for c in cells}) == len(cells)
+
+
+def test_excluded_combinations_are_left_out():
+    spec = _spec(grid={"partitioner": ["iid", "label-wise"], "num-clients": [4, 10]},
+                 exclude=[{"partitioner": "label-wise", "num-clients": 10}], centralized=False)
+    combos = [(c.run_config["partitioner"], c.num_clients) for c in spec.cells()]
+    assert combos == [("iid", 4), ("iid", 10), ("label-wise", 4)]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"fixed": {"no-such-key": 1}}, "fixed.no-such-key: not a run-config key"),
+    ({"fixed": {"results-dir": "/tmp/x"}}, "fixed.results-dir: set by the sweep"),
+    ({"grid": {"strategy": []}}, "grid.strategy: expected a non-empty list"),
+    ({"grid": {"strategy": ["fedavg"]}}, "num-clients: expected positive integers"),
+    ({"table": {"rows": ["lr"]}}, "table: 'lr' is not a swept key"),
+    ({"exclude": [{"lr": 1}]}, r"exclude\[0\]"),
+    ({"colour": 1}, "unknown key"),
+])
+def test_bad_sweep_files_name_the_file_and_the_key(changes, message):
+    with pytest.raises(SweepError, match=message) as err:
+        _spec(**changes)
+    assert "test.yaml" in str(err.value)
+
+
+def test_a_failed_cell_is_recorded_and_the_sweep_goes_on_then_is_retried(tmp_path):
+    spec = _spec()
+    runner = FakeRunner(fail="strategy-fedprox__partitioner-iid__num-clients-3__seed-0")
+    outcomes = run_sweep(spec, tmp_path, runner=runner, progress=False)
+    assert [o.status for o in outcomes].count("failed") == 1 and len(outcomes) == 10
+    failed = next(o for o in outcomes if o.status == "failed")
+    error = json.loads((tmp_path / "cells" / failed.cell.name / "error.json").read_text())
+    assert error["status"] == "finished:failed" and "finished:failed" in error["error"]
+    assert error["log_tail"].endswith("ValueError: boom") and len(error["log_tail"]) == 4000
+    runs = collect_runs(tmp_path)
+    assert (runs["status"] == "failed").sum() == 1 and (runs["status"] == "done").sum() == 9
+
+    retry = FakeRunner()
+    again = run_sweep(spec, tmp_path, runner=retry, progress=False)
+    assert retry.ran == [failed.cell.name]
+    assert all(o.status in ("skipped", "done") for o in again)
+    assert not (tmp_path / "cells" / failed.cell.name / "error.json").exists()
+
+
+def test_a_cell_with_an_invalid_config_fails_without_a_simulation(tmp_path):
+    spec = _spec(fixed={"method": "no-such-method"}, centralized=False,
+                 grid={"num-clients": [2]})
+    runner = FakeRunner()
+    [outcome] = run_sweep(spec, tmp_path, runner=runner, progress=False)
+    assert runner.ran == [] and outcome.status == "failed"
+    assert "method='no-such-method'" in outcome.error
+
+
+def test_a_finished_cell_with_another_config_is_not_reused(tmp_path):
+    run_sweep(_spec(), tmp_path, runner=FakeRunner(), progress=False)
+    with pytest.raises(SweepError, match="different run-config"):
+        run_sweep(_spec(fixed={"image-size": 64, "local-epochs": 1}), tmp_path,
+                  runner=FakeRunner(), progress=False)
+
+
+def test_table_means_and_stds_over_seeds_mark_the_best_federated_row(tmp_path):
+    spec = _spec()
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    summary = summarize(collect_runs(tmp_path), spec.table)
+    assert summary["kind"].iloc[0] == "centralized" and len(summary) == 5
+    assert (summary["seeds"] == 2).all()
+    fedavg_iid = summary[(summary["strategy"] == "fedavg") & (summary["partitioner"] == "iid")]
+    values = [_accuracy(c) for c in spec.cells()
+              if c.run_config.get("strategy") == "fedavg" and c.kind == "federated"
+              and c.run_config["partitioner"] == "iid"]
+    assert fedavg_iid["image_auroc_mean"].item() == pytest.approx(np.mean(values))
+    assert fedavg_iid["image_auroc_std"].item() == pytest.approx(np.std(values, ddof=1))
+    shown = display_table(summary, spec.table, "md")
+    bold = shown["image_auroc"].str.startswith("**")
+    assert bold.tolist() == [False, True, False, True, False]  # the two iid rows tie
+    assert " ± " in shown["image_auroc"].iloc[0]
+
+
+def test_dadda_table3_preset_has_the_layout_of_the_paper(tmp_path):
+    spec = load_spec(PROJECT_ROOT / "configs" / "dadda_table3.yaml")
+    spec = dataclasses.replace(spec, fixed={**spec.fixed, "method": "msvt"})
+    outcomes = run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    assert len(outcomes) == 28 and all(o.status == "done" for o in outcomes)
+    shown = display_table(summarize(collect_runs(tmp_path), spec.table), spec.table, "md")
+    assert list(shown.columns) == ["Num. clients", "B", "E", "IID", "Accuracy"]
+    assert len(shown) == 28
+    assert shown.iloc[0, :4].tolist() == ["1", "8", "10", "–"]
+    assert shown["IID"].iloc[1:].value_counts().to_dict() == {"✓": 18, "✗": 9}
+    assert set(shown["Num. clients"].iloc[1:]) == {"5", "10"}
+    best = shown[shown["Accuracy"].str.startswith("**")]
+    assert best[["Num. clients", "E", "IID"]].values.tolist() == [["10", "10", "✓"]] * 3
+
+
+def test_sweep_report_writes_tables_and_plots(tmp_path):
+    spec = _spec()
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    names = {p.name for p in sweep_report(tmp_path, spec)}
+    assert {"table.md", "table.tex", "table.csv", "runs.csv", "image_auroc_per_round.png",
+            "roc.png"} <= names
+    assert "aggregation_weights.png" not in names  # no cell wrote aggregation_weights.csv
+    cell = tmp_path / "cells" / spec.cells()[-2].name  # seed 0, as plotted
+    pd.DataFrame({"round": [1, 1], "node": [5, 6], "partition": [0, 1], "weight": [0.4, 0.6],
+                  "q": [0.9, 0.8], "s": [1.0, 2.0]}).to_csv(cell / "aggregation_weights.csv",
+                                                             index=False)
+    assert "aggregation_weights.png" in {p.name for p in sweep_report(tmp_path, spec)}
