@@ -8,19 +8,29 @@ from flwr.clientapp import ClientApp
 
 from clients import ACTIONS, create_client
 from fedad.config import ExperimentConfig
+from fedad.deploy import local_site_data
+from fedad.methods import method_entry, resolve
+from fedad.privacy import client_clipping_mod
 
-app = ClientApp()
+app = ClientApp(mods=[client_clipping_mod])
 
 
 def _reply(msg: Message, context: Context) -> Message:
-    """Build this site's client from run-config + node-config and answer ``msg``."""
-    overrides = {}
-    if context.node_config.get("data-path"):
-        overrides["data-path"] = context.node_config["data-path"]
-    cfg = ExperimentConfig.from_run_config({**context.run_config, **overrides})
-    client = create_client(
-        cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
+    """Build this site's client from run-config + node-config and answer ``msg``.
+
+    With a node-config ``data-path`` (a deployed site) the site's whole folder is its data;
+    otherwise (a simulation) it holds partition ``partition-id`` of ``num-partitions``.
+    """
+    node = context.node_config
+    partition_id = int(node["partition-id"])
+    if node.get("data-path"):
+        cfg = ExperimentConfig.from_run_config(
+            {**context.run_config, "data-path": node["data-path"]})
+        client = resolve(method_entry(cfg.method).client)(
+            cfg, local_site_data(cfg, partition_id), partition_id)
+    else:
+        cfg = ExperimentConfig.from_run_config(context.run_config)
+        client = create_client(cfg, partition_id, int(node["num-partitions"]))
     return Message(client.handle(msg.metadata.message_type, msg.content), reply_to=msg)
 
 
