@@ -176,4 +176,4 @@ def test_sweep_report_writes_tables_and_plots(tmp_path):
     pd.DataFrame({"round": [1, 1], "node": [5, 6], "partition": [0, 1], "weight": [0.4, 0.6],
                   "q": [0.9, 0.8], "s": [1.0, 2.0]}).to_csv(cell / "aggregation_weights.csv",
                                                              index=False)
-    assert "aggregation_weights.png" in {p.name for p in sweep_report(tmp_path, spec)}
+    assert "aggregation_weights.png" in {p.name for p in sweep_report(tmp_path)}  # sweep.yaml

@@ -104,6 +104,18 @@ class SweepSpec:
     cell_timeout: float = 3600.0
     cpus_per_client: int = 1
 
+    def to_dict(self) -> dict[str, Any]:
+        """The sweep file's mapping (``parse_spec(spec.to_dict(), ...)`` gives it back)."""
+        table = {"rows": list(self.table.rows), "metrics": list(self.table.metrics),
+                 "columns": self.table.columns, "labels": self.table.labels,
+                 "values": self.table.values}
+        centralized = False if self.centralized is None else (self.centralized or True)
+        return {"name": self.name, "fixed": self.fixed,
+                "grid": {k: list(v) for k, v in self.grid.items()},
+                "exclude": list(self.exclude), "centralized": centralized,
+                "table": {k: v for k, v in table.items() if v}, "cell-timeout": self.cell_timeout,
+                "cpus-per-client": self.cpus_per_client}
+
     def cells(self) -> list[Cell]:
         """The centralized reference cells first, then every federated combination."""
         out = self._centralized_cells() if self.centralized is not None else []

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
 from fedad.bench.spec import PROJECT_ROOT, Cell, SweepError, SweepSpec
@@ -81,8 +82,8 @@ def run_sweep(
     """
     out = Path(out).expanduser().resolve()
     (out / CELLS).mkdir(parents=True, exist_ok=True)
-    Path(out / "sweep.yaml").write_text(Path(spec.source).read_text()
-                                        if Path(spec.source).is_file() else "")
+    (out / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False,
+                                                   allow_unicode=True))
     flwr_home = out / ".flwr-home"
     outcomes: dict[str, CellOutcome] = {}
     pending = []
