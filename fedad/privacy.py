@@ -47,7 +47,8 @@ MECHANISMS = ("none", "server-fixed", "server-adaptive", "client-fixed", "client
 class DPSettings:
     """Run-config keys ``dp``, ``dp-noise-multiplier``, ``dp-clipping-norm`` (the fixed norm,
     or the initial one of adaptive clipping), ``dp-target-quantile`` and ``dp-clip-norm-lr``
-    (adaptive clipping), ``dp-num-sampled-clients`` (0: ``min-train-nodes``) and ``dp-delta``
+    (adaptive clipping: the norm tracks that quantile of the update norms, so 0.5 clips about
+    half of the updates), ``dp-num-sampled-clients`` (0: ``min-train-nodes``) and ``dp-delta``
     (the delta at which epsilon is reported)."""
 
     dp: str = "none"
@@ -86,6 +87,33 @@ class DPSettings:
         return self.dp.startswith("client-")
 
 
+class _QuantileTracking:
+    """Adaptive clipping that moves the norm towards the ``dp-target-quantile`` of update norms
+    (Andrew et al. 2021: C <- C exp(-lr (unclipped fraction - quantile))).
+
+    Flower 1.41 counts the *clipped* updates but applies that rule as if they were the
+    unclipped ones, so its norm shrinks when too many updates are clipped and runs off to 0
+    or infinity; this mixin applies the rule to the unclipped fraction.
+    """
+
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        unclipped = 1.0 - clipped_fraction
+        self.clipping_norm *= math.exp(
+            -self.clip_norm_lr * (unclipped - self.target_clipped_quantile))
+
+
+class ServerSideAdaptiveClipping(_QuantileTracking, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping with the norm update of :class:`_QuantileTracking`."""
+
+
+class ClientSideAdaptiveClipping(_QuantileTracking, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping with the norm update of :class:`_QuantileTracking`."""
+
+
 def privacy_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Epsilon of ``rounds`` Gaussian releases with ``noise_multiplier`` (noise std over the
     sensitivity) at ``delta``, by the RDP accountant of ``dp-accounting``; inf without noise."""
@@ -115,8 +143,8 @@ def wrap_with_privacy(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
         wrapped = wrapper(strategy, noise_multiplier=noise,
                           clipping_norm=settings.dp_clipping_norm, num_sampled_clients=sampled)
     else:
-        wrapper = (DifferentialPrivacyClientSideAdaptiveClipping if settings.clips_on_client
-                   else DifferentialPrivacyServerSideAdaptiveClipping)
+        wrapper = (ClientSideAdaptiveClipping if settings.clips_on_client
+                   else ServerSideAdaptiveClipping)
         wrapped = wrapper(strategy, noise_multiplier=noise, num_sampled_clients=sampled,
                           initial_clipping_norm=settings.dp_clipping_norm,
                           target_clipped_quantile=settings.dp_target_quantile,

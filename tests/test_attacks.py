@@ -1,0 +1,56 @@
+"""Byzantine sites: what a malicious site replies, and the attack settings' validation."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from fedad.attacks import AttackSettings, apply_attack
+from fedad.config import ConfigError, ExperimentConfig
+
+
+def _record(weight: float, bias: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full((2, 3), weight, np.float32)),
+                        "b": Array(np.full(4, bias, np.float32)),
+                        "count": Array(np.array([7], np.int64))})
+
+
+@pytest.mark.parametrize(("attack", "factor"), [("scale", 5.0), ("sign-flip", -5.0)])
+def test_malicious_site_replies_received_plus_factor_times_its_update(attack, factor):
+    received, trained = _record(1.0, -2.0), _record(1.5, -1.0)
+    settings = AttackSettings(attack=attack, attack_scale=5.0, malicious_partitions="0,3")
+    for partition in (0, 3):
+        sent = apply_attack(trained, received, partition, settings)
+        np.testing.assert_allclose(sent["w"].numpy(), 1.0 + factor * 0.5)
+        np.testing.assert_allclose(sent["b"].numpy(), -2.0 + factor * 1.0)
+        assert sent["w"].numpy().dtype == np.float32 and sent["w"].numpy().shape == (2, 3)
+        assert sent["count"].numpy().tolist() == [7]  # integer buffers are not scaled
+        assert list(sent.keys()) == list(trained.keys())
+
+
+def test_honest_sites_and_attack_none_reply_what_they_trained():
+    received, trained = _record(1.0, 0.0), _record(2.0, 1.0)
+    assert apply_attack(trained, received, 1, AttackSettings("scale", 5.0, "0")) is trained
+    assert apply_attack(trained, received, 0, AttackSettings("none", 5.0, "0")) is trained
+
+
+def test_mismatched_arrays_are_refused():
+    received = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})
+    trained = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))})
+    with pytest.raises(ValueError, match="shape"):
+        apply_attack(trained, received, 0, AttackSettings("scale", 2.0, "0"))
+
+
+@pytest.mark.parametrize(("key", "value"), [("attack", "flip"), ("attack-scale", -1.0),
+                                            ("malicious-partitions", "0,x")])
+def test_bad_attack_settings_name_the_key(key, value):
+    cfg = ExperimentConfig(extra={key: value})
+    with pytest.raises(ConfigError, match=key):
+        cfg.section(AttackSettings)
+
+
+def test_settings_are_read_from_run_config():
+    cfg = ExperimentConfig.from_run_config({"attack": "sign-flip", "attack-scale": 3,
+                                            "malicious-partitions": "2, 4"})
+    settings = cfg.section(AttackSettings)
+    assert settings.malicious == {2, 4} and settings.factor == -3.0
+    assert settings.is_malicious(4) and not settings.is_malicious(0)
