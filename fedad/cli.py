@@ -128,6 +128,86 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _deploy_errors(handler):
+    """Report a DeployError (bad argument or file) as one line and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from fedad.deploy import DeployError
+
+        try:
+            return handler(args)
+        except DeployError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_deploy_errors
+def _deploy_certs(args: argparse.Namespace) -> int:
+    from fedad.deploy import create_ca, create_server_certificate, subject_alternative_names
+
+    subject_alternative_names(args.san)  # refuse bad names before writing anything
+    ca = create_ca(args.out, days=args.days)
+    server = create_server_certificate(ca, args.out, args.san, days=args.days)
+    print(f"CA: {ca.cert} (give it to every site as --root-certificates; keep {ca.key} safe)")
+    print(f"SuperLink: {server.cert} {server.key} (SAN: {', '.join(args.san)})")
+    return 0
+
+
+@_deploy_errors
+def _deploy_keys(args: argparse.Namespace) -> int:
+    from fedad.deploy import create_node_key
+
+    for i in range(args.sites):
+        key = create_node_key(args.out, f"site-{i}")
+        print(f"site {i}: {key.private} (stays on the site), {key.public} (register it)")
+    return 0
+
+
+@_deploy_errors
+def _deploy_connection(args: argparse.Namespace) -> int:
+    from fedad.deploy import write_connection
+
+    home = args.flwr_home or os.environ.get("FLWR_HOME") or str(Path.home() / ".flwr")
+    path = write_connection(home, args.name, args.address, args.root_certificates,
+                            default=args.default)
+    print(f"connection {args.name!r} -> {args.address} (TLS) written to {path}")
+    return 0
+
+
+@_deploy_errors
+def _deploy_register(args: argparse.Namespace) -> int:
+    from fedad.deploy import register_node
+
+    for key in args.public_keys:
+        print(f"{key}: node {register_node(key, args.connection)}")
+    return 0
+
+
+@_deploy_errors
+def _deploy_commands(args: argparse.Namespace) -> int:
+    from fedad.deploy import CertificateFiles, superlink_command, supernode_command
+
+    certs, keys = Path(args.certs).resolve(), Path(args.keys).resolve()
+    server = CertificateFiles(certs / "server.pem", certs / "server.key")
+    print("# on the server")
+    print(_portable(superlink_command(server, certs / "ca.crt", port=args.port)))
+    for i in range(args.sites):
+        data = args.data_path.format(i=i)
+        print(f"# on site {i}")
+        print(_portable(supernode_command(f"{args.host}:{args.port}", certs / "ca.crt",
+                                          keys / f"site-{i}", partition_id=i, data_path=data)))
+    return 0
+
+
+def _portable(command: list[str]) -> str:
+    """A command line to paste on another machine: the Flower tool by its bare name."""
+    import shlex
+
+    return shlex.join([Path(command[0]).name, *command[1:]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fedad`."""
     parser = argparse.ArgumentParser(prog="fedad", description=__doc__)
@@ -179,6 +259,41 @@ def build_parser() -> argparse.ArgumentParser:
                             "of a sweep folder")
     report.add_argument("dir")
     report.set_defaults(func=_report)
+
+    deploy = sub.add_parser("deploy", help="multi-site deployment: TLS certificates, node "
+                            "keys, connection, registration").add_subparsers(
+        dest="deploy_command", required=True)
+    certs = deploy.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem and keys")
+    certs.add_argument("--san", action="append", required=True,
+                       help="IP or DNS name the sites use to reach the SuperLink (repeatable)")
+    certs.add_argument("--days", type=int, default=365)
+    certs.set_defaults(func=_deploy_certs)
+    keys = deploy.add_parser("keys", help="one ECDSA authentication key pair per site")
+    keys.add_argument("--out", required=True)
+    keys.add_argument("--sites", type=int, required=True)
+    keys.set_defaults(func=_deploy_keys)
+    conn = deploy.add_parser("connection", help="add a TLS SuperLink connection to "
+                             "$FLWR_HOME/config.toml (for flwr run / flwr supernode register)")
+    conn.add_argument("--name", default="fedad")
+    conn.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    conn.add_argument("--root-certificates", required=True, help="the CA certificate")
+    conn.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
+    conn.add_argument("--default", action="store_true", help="make it the default connection")
+    conn.set_defaults(func=_deploy_connection)
+    register = deploy.add_parser("register", help="flwr supernode register each public key")
+    register.add_argument("public_keys", nargs="+")
+    register.add_argument("--connection", default="fedad")
+    register.set_defaults(func=_deploy_register)
+    commands = deploy.add_parser("commands", help="print the SuperLink and SuperNode commands")
+    commands.add_argument("--certs", required=True, help="the folder of `deploy certs`")
+    commands.add_argument("--keys", required=True, help="the folder of `deploy keys`")
+    commands.add_argument("--host", required=True, help="the SuperLink's address (a SAN)")
+    commands.add_argument("--port", type=int, default=8000)
+    commands.add_argument("--sites", type=int, required=True)
+    commands.add_argument("--data-path", default="/data/mvtec",
+                          help="each site's data folder; {i} is replaced by the site number")
+    commands.set_defaults(func=_deploy_commands)
     return parser
 
 

@@ -240,7 +240,7 @@ def supernode_command(superlink: str, ca_cert: str | Path, private_key: str | Pa
                       partition_id: int, data_path: str | Path, port: int = 9094) -> list[str]:
     """One site's SuperNode command line: TLS, its authentication key, and node-config with
     its own data folder and partition id (``port``: its local ClientApp API)."""
-    node_config = f"data-path='{data_path}' partition-id={int(partition_id)}"
+    node_config = f'data-path="{data_path}" partition-id={int(partition_id)}'
     return [flower_tool("flower-supernode"), "--superlink", superlink,
             "--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(private_key),
             "--node-config", node_config, "--port", str(port)]

@@ -186,3 +186,19 @@ def test_tls_deployment_with_node_authentication_runs_two_rounds(tmp_path, proce
     intruder = processes.started[-1][0]
     assert intruder.wait(timeout=60) != 0, "a SuperNode with an unregistered key was accepted"
     assert "No SuperNode found with the given public key" in processes.log("superlink")
+
+
+def test_cli_writes_credentials_and_refuses_bad_names(tmp_path, capsys):
+    from fedad.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path / "c"), "--san", "10.1.2.3"]) == 0
+    assert main(["deploy", "keys", "--out", str(tmp_path / "k"), "--sites", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "site-0", "site-0.pub", "site-1", "site-1.pub", "site-2", "site-2.pub"]
+    assert main(["deploy", "commands", "--certs", str(tmp_path / "c"), "--keys",
+                 str(tmp_path / "k"), "--host", "10.1.2.3", "--sites", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("flower-supernode --superlink 10.1.2.3:8000") == 2
+    assert "--enable-supernode-auth" in out and "partition-id=1" in out
+    assert main(["deploy", "certs", "--out", str(tmp_path / "bad"), "--san", "a/b"]) == 1
+    assert "--san 'a/b'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
