@@ -1,0 +1,97 @@
+"""Byzantine-robustness benchmark: one of five sites is malicious (sign-flip or scale attack,
+fedad.attacks) and FedAvg, FedMedian, FedTrimmedAvg, Krum and ACA aggregate; the no-attack
+FedAvg run is the reference.
+
+Each run is the real server workflow and site code on an in-process grid (fedad.inprocess: no
+Ray, same messages). Runs are resumable: a run whose folder has summary.json is read, not rerun.
+
+    python bench/byzantine.py --out ~/fedad-bench/byzantine     # the table in BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fedad.config import ExperimentConfig
+from fedad.inprocess import run_in_process
+
+ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "aca")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def run_variant(base: dict, out: Path, name: str, overrides: dict, num_sites: int) -> dict:
+    """Final summary of one run of ``base`` + ``overrides`` (read back when already done)."""
+    folder = out / name
+    if (folder / "summary.json").exists():
+        return json.loads((folder / "summary.json").read_text())
+    cfg = ExperimentConfig.from_run_config({**base, **overrides, "results-dir": str(folder)})
+    return run_in_process(cfg, num_sites)
+
+
+def run_table(base: dict, out: Path, variants: dict[str, dict], num_sites: int,
+              columns: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per variant: its final METRICS and seconds (plus ``columns[name]`` if given),
+    with progress lines; also written to ``out/table.csv``."""
+    rows, started = [], time.perf_counter()
+    for i, (name, overrides) in enumerate(variants.items(), 1):
+        summary = run_variant(base, out, name, overrides, num_sites)
+        rows.append({"run": name, **(columns or {}).get(name, {}),
+                     **{m: round(summary["final"][m], 3) for m in METRICS},
+                     "seconds": round(summary["seconds"])})
+        print(f"[{i}/{len(variants)} +{time.perf_counter() - started:.0f}s] {name}: "
+              + " ".join(f"{m}={rows[-1][m]:.3f}" for m in METRICS), flush=True)
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    return table
+
+
+def common_settings(args: argparse.Namespace) -> dict:
+    """The small configuration both benchmarks share (see --help)."""
+    return {"category": args.category, "num-server-rounds": args.rounds,
+            "local-epochs": args.local_epochs, "image-size": args.image_size,
+            "min-train-nodes": args.sites, "seed": args.seed, "plot-every-round": False}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments both benchmarks take."""
+    parser.add_argument("--out", type=Path, required=True, help="folder of the runs")
+    parser.add_argument("--category", default="wood")
+    parser.add_argument("--sites", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--attack", default="sign-flip", choices=("sign-flip", "scale"))
+    parser.add_argument("--attack-scale", type=float, default=10.0)
+    parser.add_argument("--malicious", default="0", help="malicious partition ids")
+    parser.add_argument("--strategies", default=",".join(ROBUST))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = common_settings(args)
+    attack = {"attack": args.attack, "attack-scale": args.attack_scale,
+              "malicious-partitions": args.malicious,
+              "num-malicious-nodes": len(args.malicious.split(","))}  # Krum's f
+    variants = {"fedavg-no-attack": {"strategy": "fedavg"}}
+    variants |= {f"{s}-{args.attack}": {"strategy": s, **attack}
+                 for s in args.strategies.split(",")}
+    table = run_table(base, args.out, variants, args.sites)
+    print(f"\n{args.category}, {args.sites} sites (malicious: {args.malicious}, {args.attack} "
+          f"x{args.attack_scale:g}), {args.rounds} rounds x {args.local_epochs} local epochs, "
+          f"image size {args.image_size}, seed {args.seed}\n")
+    print(table.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
