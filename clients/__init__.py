@@ -11,7 +11,9 @@ from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.methods import method_entry, resolve
 
-ACTIONS: dict[str, tuple[str, ...]] = {"train": (), "evaluate": (), "query": ()}
+ACTIONS: dict[str, tuple[str, ...]] = {
+    "train": (), "evaluate": (), "query": ("dadda_upload", "dadda_synthesize"),
+}
 
 
 def create_client(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> SiteClient:

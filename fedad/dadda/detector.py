@@ -1,0 +1,240 @@
+"""D-ADDA's downstream networks (eq. 8) as one federated model: a timm ResNet defect-type
+classifier F_cls and a U-Net localizer F_det/loc, trained on a site's real data plus the
+synthetic defect pairs its stage 3 cached on disk, and averaged by FedAvg.
+
+Model output: ``class_logits`` [B, K] over the category's K defect types ("good" excluded) and
+``anomaly_logits`` [B, 1, H, W]. Detection score of an image = the maximum of its smoothed map.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+from torch.nn import functional as F
+
+from fedad.config import ExperimentConfig
+from fedad.dadda.settings import DADDASettings
+from fedad.dadda.synthesis import DefectPairs
+from fedad.data import AnomalyDataset, Sample, list_categories, scan_category
+from fedad.experiment import resolve_categories, resolve_root
+from fedad.models.localizer import UNetLocalizer
+from fedad.task import ModelRecipe
+from fedad.train.losses import focal_loss, soft_dice_loss
+from fedad.train.predictions import Predictions
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+"""Class target of normal images: the classifier only learns among defect types."""
+
+
+@dataclass
+class DetectorOutput:
+    """class_logits [B, K], anomaly_logits [B, 1, H, W]."""
+
+    class_logits: torch.Tensor
+    anomaly_logits: torch.Tensor
+
+
+class DADDADetector(nn.Module):
+    """F_cls (timm ``classifier``, from scratch) and F_det/loc (U-Net) on the same image.
+
+    Args:
+        num_defect_types: K, the classifier's outputs.
+        classifier: a timm architecture name (e.g. resnet10t, resnet18).
+        localizer_channels: base channels of the U-Net localizer.
+    """
+
+    def __init__(self, num_defect_types: int, classifier: str = "resnet10t",
+                 localizer_channels: int = 16) -> None:
+        super().__init__()
+        if num_defect_types < 1:
+            raise ValueError(f"DADDADetector: num_defect_types={num_defect_types} must be >= 1")
+        self.classifier = timm.create_model(classifier, pretrained=False,
+                                            num_classes=num_defect_types)
+        self.localizer = UNetLocalizer(localizer_channels)
+
+    def forward(self, images: torch.Tensor) -> DetectorOutput:
+        """images [B, 3, H, W] in [0, 1] -> :class:`DetectorOutput`."""
+        return DetectorOutput(self.classifier(images), self.localizer(images))
+
+
+@functools.lru_cache(maxsize=8)
+def defect_types_of(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The category's defect types, sorted, "good" excluded (the classifier's classes)."""
+    root = resolve_root(cfg)
+    found = {s.defect_type for c in resolve_categories(cfg, root) for s in scan_category(root, c)}
+    types = tuple(sorted(found - {"good"}))
+    if not types:
+        raise ValueError(f"data-path={str(root)!r} category={cfg.category!r}: no defect types "
+                         f"in the test split (available categories: {list_categories(root)})")
+    return types
+
+
+def build_detector(cfg: ExperimentConfig) -> DADDADetector:
+    """The detector for ``cfg``'s category (settings ``dadda-classifier``,
+    ``dadda-localizer-channels``)."""
+    settings = cfg.section(DADDASettings)
+    return DADDADetector(len(defect_types_of(cfg)), settings.dadda_classifier,
+                         settings.dadda_localizer_channels)
+
+
+def synthetic_cache_path(cfg: ExperimentConfig, samples: Sequence[Sample]) -> Path:
+    """Where a site keeps its synthetic pairs between messages (each deployment message starts
+    a fresh ClientApp process): ``dadda-cache-dir`` (default ``~/.cache/fedad/dadda``) /
+    a digest of the run-config and the site's training images."""
+    settings = cfg.section(DADDASettings)
+    base = Path(settings.dadda_cache_dir or Path.home() / ".cache" / "fedad" / "dadda")
+    key = json.dumps({"config": cfg.to_dict(), "samples": sorted(str(s.image_path)
+                                                                  for s in samples)},
+                     sort_keys=True, default=str)
+    return base.expanduser() / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
+
+
+def _real_tensors(samples: Sequence[Sample], cfg: ExperimentConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """images [N, 3, H, W], masks [N, 1, H, W], labels [N] and classes [N] (IGNORE for normal
+    images) of ``samples`` at ``image-size``."""
+    dataset = AnomalyDataset(samples, cfg.image_size, defect_types=("good", *defect_types_of(cfg)))
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        size = cfg.image_size
+        return (torch.zeros(0, 3, size, size), torch.zeros(0, 1, size, size),
+                torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    images = torch.stack([item["image"] for item in items])
+    masks = torch.stack([item["mask"] for item in items])
+    labels = torch.stack([torch.as_tensor(item["label"]) for item in items]).long()
+    classes = torch.stack([torch.as_tensor(item["defect_class"]) for item in items]).long() - 1
+    return images, masks, labels, torch.where(labels > 0, classes, IGNORE)
+
+
+def _pair_tensors(pairs: DefectPairs, size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic pairs resized to ``size``: images, masks, labels (all 1) and classes."""
+    images = torch.from_numpy(pairs.images).permute(0, 3, 1, 2).float()
+    masks = torch.from_numpy(pairs.masks).float()[:, None]
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear",
+                               align_corners=False).clamp(0, 1)
+        masks = F.interpolate(masks, size=(size, size), mode="nearest")
+    classes = torch.from_numpy(pairs.classes).long()
+    return images, masks, torch.ones(len(pairs), dtype=torch.long), classes
+
+
+def detector_loss(output: DetectorOutput, masks: torch.Tensor, classes: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Cross-entropy over defect types (defective images only) + focal and Dice loss of the
+    map. masks [B, 1, H, W], classes [B] (IGNORE for normal images)."""
+    map_loss = focal_loss(output.anomaly_logits, masks) * 5 + soft_dice_loss(
+        output.anomaly_logits, masks)
+    has_class = classes != IGNORE
+    class_loss = (F.cross_entropy(output.class_logits[has_class], classes[has_class])
+                  if has_class.any() else output.class_logits.sum() * 0.0)
+    return {"loss": map_loss + class_loss, "map_loss": map_loss, "class_loss": class_loss}
+
+
+def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig, *,
+                 seed: int, server_round: int, extra_loss=None) -> dict[str, float]:
+    """One site's local training for a round: ``local-epochs`` over its real training samples
+    plus its cached synthetic pairs (:func:`synthetic_cache_path`), batches of
+    ``batch-size``, AdamW at ``lr``; ``max-train-batches`` caps each epoch.
+
+    Returns mean losses of the last epoch, ``num-examples``, ``num-synthetic``, ``train_seconds``.
+    """
+    start = time.perf_counter()
+    synthetic = DefectPairs.load(synthetic_cache_path(cfg, samples))
+    parts = [_real_tensors(samples, cfg), _pair_tensors(synthetic, cfg.image_size)]
+    images, masks, labels, classes = (torch.cat(t) for t in zip(*parts, strict=True))
+    if not len(images):
+        raise ValueError("fit_detector: the site has no training images")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    model.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.local_epochs):
+        totals, steps = {}, 0
+        for batch in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
+            if len(batch) < 2:  # BatchNorm needs two images
+                continue
+            output = model(images[batch])
+            losses = detector_loss(output, masks[batch], classes[batch])
+            if extra_loss is not None:
+                losses["extra_loss"] = extra_loss(output, labels[batch])
+                losses["loss"] = losses["loss"] + losses["extra_loss"]
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"fit_detector: non-finite loss at round {server_round}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.item()
+            steps += 1
+            if cfg.max_train_batches and steps >= cfg.max_train_batches:
+                break
+    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+    result.update({"num-examples": len(images), "num-synthetic": len(synthetic),
+                   "train_seconds": time.perf_counter() - start})
+    return result
+
+
+@torch.no_grad()
+def _outputs(model: DADDADetector, images: torch.Tensor, batch_size: int = 32
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(class logits [N, K], defect probability maps [N, H, W]) of ``images``."""
+    model.eval()
+    logits, maps = [], []
+    for batch in images.split(batch_size):
+        output = model(batch)
+        logits.append(output.class_logits.numpy())
+        maps.append(torch.sigmoid(output.anomaly_logits)[:, 0].numpy())
+    return np.concatenate(logits), np.concatenate(maps)
+
+
+def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
+                     defect_types: Sequence[str] | None = None) -> Predictions:
+    """Maps (sigmoid, Gaussian-smoothed with sigma 2 px at 128 px) and image scores (map
+    maximum) of ``samples``; 0.5 is the decision threshold."""
+    dataset = AnomalyDataset(samples, cfg.image_size, defect_types=defect_types)
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item["image"] for item in items])
+    _, maps = _outputs(model, images)
+    sigma = 2.0 * cfg.image_size / 128
+    maps = np.stack([gaussian_filter(m, sigma) for m in maps]).astype(np.float32)
+    return Predictions(
+        labels=np.array([int(item["label"]) for item in items]),
+        defect_classes=np.array([int(item["defect_class"]) for item in items]),
+        image_scores=maps.reshape(len(maps), -1).max(axis=1),
+        masks=torch.stack([item["mask"][0] for item in items]).numpy(),
+        maps=maps, images=images.permute(0, 2, 3, 1).numpy(),
+    ).check()
+
+
+def classify(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) defect-type indices [N] in [0, K) of the defective ``samples``."""
+    defective = [s for s in samples if s.label == 1]
+    images, _, _, classes = _real_tensors(defective, cfg)
+    if not len(images):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    logits, _ = _outputs(model, images)
+    return classes.numpy(), logits.argmax(axis=1)
+
+
+DADDA_RECIPE = ModelRecipe(build=build_detector, fit=fit_detector, predict=predict_detector)
+
+__all__ = ["DADDA_RECIPE", "DADDADetector", "DetectorOutput", "classify", "defect_types_of",
+           "synthetic_cache_path"]

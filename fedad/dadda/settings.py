@@ -1,0 +1,93 @@
+"""D-ADDA stage 2-3 settings (run-config keys ``dadda-*``): ``cfg.section(DADDASettings)``.
+
+Defaults are the CPU default: one category's three stages in minutes on two cores (diffusion at
+64 x 64, a 3-level U-Net with 32 base channels, 200 diffusion steps, 300 training iterations,
+DDIM with 25 steps, 16 DAM and 16 diffusion pairs per defect class). The paper's scale
+(128 x 128, 1000 steps, 30 000 iterations, 5000 warm-up, lr 1e-4, 500 pairs per defect) is
+``configs/dadda_paper.yaml``, meant for a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYNTHESIS = ("dadda", "dam-only")
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class DADDASettings:
+    """Settings of D-ADDA's generative stages and detector; key = field name in kebab case."""
+
+    dadda_synthesis: str = "dadda"  # dadda: diffusion pairs | dam-only: DAM pairs (Table II)
+    dadda_diffusion_size: int = 64  # side of the diffusion models' images (paper 128)
+    dadda_unet_channels: int = 32  # U-Net base channels
+    dadda_unet_levels: int = 3  # resolution levels; channels x (1, 2, 2, 2, ...)
+    dadda_attention_heads: int = 4  # paper: 4
+    dadda_head_dim: int = 32  # paper: d_h = 32
+    dadda_diffusion_steps: int = 200  # training timesteps T (paper 1000)
+    dadda_train_iterations: int = 300  # stage 2, per model (paper 30 000)
+    dadda_finetune_iterations: int = 150  # stage 3 fine-tuning of G^I on each site
+    dadda_warmup: int = 50  # linear learning-rate warm-up iterations (paper 5000)
+    dadda_diffusion_lr: float = 5e-4  # Adam (paper 1e-4 over 30 000 iterations)
+    dadda_diffusion_batch: int = 16
+    dadda_ema: float = 0.995  # EMA decay of the diffusion weights (paper)
+    dadda_class_dropout: float = 0.1  # classifier-free guidance: label dropped in training
+    dadda_guidance: float = 2.0  # classifier-free guidance scale w (1 = conditional only)
+    dadda_sampler: str = "ddim"  # ddim (fast) | ddpm (ancestral, all T steps)
+    dadda_sample_steps: int = 25  # DDIM steps
+    dadda_dam_per_class: int = 16  # DAM pairs per defect class on each site (paper 500)
+    dadda_synth_per_class: int = 16  # diffusion pairs per defect class on each site (paper 500)
+    dadda_classifier: str = "resnet10t"  # timm architecture of the defect-type classifier
+    dadda_localizer_channels: int = 16  # base channels of the U-Net localizer
+    dadda_cache_dir: str = ""  # site cache of synthetic pairs; empty: ~/.cache/fedad/dadda
+
+    def __post_init__(self) -> None:
+        if self.dadda_synthesis not in SYNTHESIS:
+            raise ValueError(f"dadda-synthesis={self.dadda_synthesis!r}: expected one of "
+                             f"{', '.join(SYNTHESIS)}")
+        if self.dadda_sampler not in SAMPLERS:
+            raise ValueError(f"dadda-sampler={self.dadda_sampler!r}: expected one of "
+                             f"{', '.join(SAMPLERS)}")
+        factor = 2 ** (self.dadda_unet_levels - 1)
+        if self.dadda_unet_levels < 1 or self.dadda_diffusion_size % max(factor, 8):
+            raise ValueError(f"dadda-diffusion-size={self.dadda_diffusion_size}: must be a "
+                             f"multiple of max(8, 2^(dadda-unet-levels - 1) = {factor})")
+        positive = ("dadda_unet_channels", "dadda_attention_heads", "dadda_head_dim",
+                    "dadda_diffusion_steps", "dadda_train_iterations", "dadda_diffusion_batch",
+                    "dadda_sample_steps", "dadda_localizer_channels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
+        for name in ("dadda_finetune_iterations", "dadda_warmup", "dadda_dam_per_class",
+                     "dadda_synth_per_class"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: must be >= 0")
+        if self.dadda_sample_steps > self.dadda_diffusion_steps:
+            raise ValueError(f"dadda-sample-steps={self.dadda_sample_steps}: must be <= "
+                             f"dadda-diffusion-steps={self.dadda_diffusion_steps}")
+        if not 0.0 < self.dadda_ema < 1.0:
+            raise ValueError(f"dadda-ema={self.dadda_ema}: must be in (0, 1)")
+        if not 0.0 <= self.dadda_class_dropout < 1.0:
+            raise ValueError(f"dadda-class-dropout={self.dadda_class_dropout}: must be in [0, 1)")
+        if not self.dadda_diffusion_lr > 0:
+            raise ValueError(f"dadda-diffusion-lr={self.dadda_diffusion_lr}: must be > 0")
+
+    @property
+    def channel_mults(self) -> tuple[int, ...]:
+        """U-Net channel multipliers: (1, 2, 2, ...) over ``dadda-unet-levels`` levels."""
+        return (1, *(2,) * (self.dadda_unet_levels - 1))
+
+    def unet_kwargs(self, in_channels: int, num_classes: int = 0,
+                    mask_conditioning: bool = False) -> dict:
+        """Constructor arguments of :class:`fedad.models.diffusion_unet.DiffusionUNet`."""
+        return {"in_channels": in_channels, "image_size": self.dadda_diffusion_size,
+                "base_channels": self.dadda_unet_channels, "channel_mults": self.channel_mults,
+                "heads": self.dadda_attention_heads, "head_dim": self.dadda_head_dim,
+                "num_classes": num_classes, "mask_conditioning": mask_conditioning}
+
+
+DADDA_KEYS: dict[str, object] = {
+    f.name.replace("_", "-"): f.default for f in DADDASettings.__dataclass_fields__.values()
+}
+"""Every ``dadda-*`` run-config key with its default (pyproject.toml declares the same)."""
