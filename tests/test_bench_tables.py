@@ -116,6 +116,21 @@ def test_a_failed_cell_is_recorded_and_the_sweep_goes_on_then_is_retried(tmp_pat
     assert not (tmp_path / "cells" / failed.cell.name / "error.json").exists()
 
 
+def test_a_completed_run_whose_clients_raised_counts_as_failed(tmp_path):
+    log = ("INFO: [ROUND 1]\nERROR flwr: An exception was raised when processing a message by "
+           "RayBackend\nray.exceptions.RaySystemError: System error: Cannot register query\n")
+
+    def runner(cell, folder, spec, flwr_home):
+        FakeRunner()(cell, folder, spec, flwr_home)
+        return SimulationRun(3, "finished:completed", log, 1.0)
+
+    spec = _spec(centralized=False, grid={"num-clients": [2]})
+    [outcome] = run_sweep(spec, tmp_path, runner=runner, progress=False)
+    assert outcome.status == "failed"
+    assert "RaySystemError: System error: Cannot register query" in outcome.error
+    assert collect_runs(tmp_path)["status"].tolist() == ["failed"]
+
+
 def test_a_cell_with_an_invalid_config_fails_without_a_simulation(tmp_path):
     spec = _spec(fixed={"method": "no-such-method"}, centralized=False,
                  grid={"num-clients": [2]})

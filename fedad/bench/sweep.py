@@ -9,12 +9,14 @@ Folder layout of a sweep ``OUT``::
     OUT/cells/<cell>/error.json    status, error and log tail of a failed cell
 
 A cell whose folder holds summary.json is finished and skipped on a rerun; a failed cell is
-recorded and retried on the next run; the sweep goes on after a failure.
+recorded and retried on the next run; the sweep goes on after a failure. A run that completed
+although a ClientApp raised counts as failed (its rounds trained on fewer sites than asked).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -31,6 +33,7 @@ from fedad.config import ConfigError, ExperimentConfig
 from fedad.simulation import SimulationRun, run_simulation
 
 LOG_TAIL_CHARS = 4000
+CLIENT_ERROR_MARKER = "An exception was raised when processing a message"
 CELLS = "cells"
 
 CellRunner = Callable[[Cell, Path, SweepSpec, Path], SimulationRun]
@@ -130,7 +133,25 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
     if not is_finished(folder):
         return _failed(cell, folder, run.status, "run completed without writing summary.json",
                        run.log, run.seconds)
+    client_error = first_client_error(run.log)
+    if client_error:
+        (folder / "summary.json").unlink()  # not a result of the configured experiment
+        return _failed(cell, folder, run.status, f"a ClientApp raised: {client_error}",
+                       run.log, run.seconds)
     return CellOutcome(cell, "done", run.seconds)
+
+
+def first_client_error(log: str) -> str:
+    """The first exception a ClientApp raised in a `flwr run` log ("" when none).
+
+    A run whose sites raised still ends "completed" (the strategy skips rounds without usable
+    replies), but its metrics then describe an untrained or partly trained model.
+    """
+    start = log.find(CLIENT_ERROR_MARKER)
+    if start < 0:
+        return ""
+    match = re.search(r"\b([\w.]*(?:Error|Exception)): (.+)", log[start:])
+    return f"{match.group(1)}: {match.group(2).strip()}" if match else CLIENT_ERROR_MARKER
 
 
 def _failed(cell: Cell, folder: Path, status: str, error: str, log: str,
