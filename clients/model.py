@@ -13,6 +13,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from clients.base import SiteClient
+from fedad.attacks import AttackSettings, apply_attack
 from fedad.seeding import seed_everything
 from fedad.task import ExtraLoss, arrays_to_model, model_recipe, model_to_arrays
 from fedad.train.contrastive import alignment_loss, embed, normal_prototype
@@ -38,7 +39,9 @@ class ModelClient(SiteClient):
         metrics.update(self._statistics(model, config))
         log.info("partition %d round %d: %s", self.partition_id, server_round,
                  {k: v for k, v in metrics.items() if not isinstance(v, list)})
-        return RecordDict({"arrays": model_to_arrays(model), "metrics": MetricRecord(metrics)})
+        arrays = apply_attack(model_to_arrays(model), content["arrays"], self.partition_id,
+                              self.cfg.section(AttackSettings))  # a no-op unless attack is set
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
     def _extra_loss(self, model: torch.nn.Module, config: ConfigRecord) -> ExtraLoss | None:
         """FedProx's proximal term and CFA's InfoNCE term, as the round's config asks."""

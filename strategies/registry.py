@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedad.config import ConfigError, ExperimentConfig
+from fedad.privacy import wrap_with_privacy
 from strategies.aca import WEIGHT_KEY, ACASettings, AdaptiveClientAggregation
 from strategies.cfa import CFASettings, ContrastiveAlignment
 from strategies.guard import GuardedStrategy
@@ -74,7 +75,8 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
     }
     mechanisms = FED_MSVT_STRATEGIES.get(cfg.strategy, ())
     if not mechanisms:
-        return GuardedStrategy(STRATEGIES[cfg.strategy](cfg, common), cfg.min_train_nodes)
+        return GuardedStrategy(wrap_with_privacy(STRATEGIES[cfg.strategy](cfg, common), cfg),
+                               cfg.min_train_nodes)
     if cfg.base_strategy not in BASE_STRATEGIES:
         raise ConfigError(f"base-strategy={cfg.base_strategy!r}: expected one of "
                           f"{', '.join(BASE_STRATEGIES)}")
@@ -85,4 +87,4 @@ def build_strategy(cfg: ExperimentConfig) -> GuardedStrategy:
         strategy = AdaptiveClientAggregation(strategy, cfg.section(ACASettings))
     if "cfa" in mechanisms:
         strategy = ContrastiveAlignment(strategy, cfg.section(CFASettings))
-    return GuardedStrategy(strategy, cfg.min_train_nodes)
+    return GuardedStrategy(wrap_with_privacy(strategy, cfg), cfg.min_train_nodes)

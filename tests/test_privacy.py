@@ -161,3 +161,14 @@ def test_rdp_epsilon_is_a_tight_upper_bound_of_the_exact_gaussian_epsilon(z, rou
 def test_bad_dp_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         ExperimentConfig(extra={key: value}).section(DPSettings)
+
+
+def test_registry_wraps_every_strategy_when_dp_is_on():
+    from strategies import build_strategy
+    from strategies.statistics import strategy_chain
+
+    for name in ("fedavg", "krum", "aca"):
+        cfg = ExperimentConfig(strategy=name, extra={"dp": "server-fixed"})
+        chain = [type(s).__name__ for s in strategy_chain(build_strategy(cfg))]
+        assert chain[:2] == ["GuardedStrategy", "DifferentialPrivacyServerSideFixedClipping"]
+        assert len(chain) >= 3  # the wrapped strategy stays reachable (checkpoints, ACA log)
