@@ -6,10 +6,9 @@ image/mask pairs; ``category_kind`` says whether a category is a texture or an o
 
 from fedad.dam.augment import DAMSample, DefectAugmenter, augment_defects
 from fedad.dam.plots import plot_dam_examples, plot_dam_samples
-from fedad.dam.settings import DAM_KEYS, DAMSettings, category_kind
+from fedad.dam.settings import DAMSettings, category_kind
 
 __all__ = [
-    "DAM_KEYS",
     "DAMSample",
     "DAMSettings",
     "DefectAugmenter",

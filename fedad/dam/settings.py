@@ -7,7 +7,7 @@ smoothing, crop or shift parameters; ours are chosen for 128x128 images and say 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from fedad.data.synthetic import SYNTHETIC_CATEGORIES
 
@@ -97,10 +97,6 @@ class DAMSettings:
                 )
             overrides[category] = kind
         return overrides
-
-
-DAM_KEYS = tuple(f.name.replace("_", "-") for f in fields(DAMSettings))
-"""The run-config keys of DAMSettings (declared in pyproject.toml under '# --- D-ADDA')."""
 
 
 def category_kind(category: str, *, settings: DAMSettings | None = None) -> str:

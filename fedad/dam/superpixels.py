@@ -99,6 +99,3 @@ class SuperpixelCache:
         if index not in self._maps:
             self._maps[index] = extract_superpixels(self.images[index], **self._params)
         return self._maps[index]
-
-    def __len__(self) -> int:
-        return len(self._maps)
