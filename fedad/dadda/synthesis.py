@@ -113,7 +113,10 @@ def finetune_image_model(pretrained: Mapping[str, torch.Tensor], pairs: DefectPa
     if not len(pairs):
         raise ValueError("finetune_image_model: the site has no defective pairs to fine-tune on")
     model = DiffusionUNet(**settings.unet_kwargs(3, mask_conditioning=True))
-    result = model.load_state_dict(dict(pretrained), strict=False)
+    try:
+        result = model.load_state_dict(dict(pretrained), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"G^I weights do not fit the conditional U-Net: {err}") from err
     new = ("mask_vector.", "mask_time.", "embed_defect.", "embed_normal.", "kv_defect.",
            "kv_normal.")
     unexpected = list(result.unexpected_keys)

@@ -1,0 +1,121 @@
+"""D-ADDA's diffusion U-Net, diffusion training/sampling, synthesis helpers and detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedad.dadda.diffusion import sample, train_diffusion
+from fedad.dadda.settings import DADDASettings
+from fedad.dadda.synthesis import DefectPairs, finetune_image_model, sample_masks
+from fedad.models import create_model
+from fedad.models.diffusion_unet import DiffusionUNet
+from fedad.models.localizer import UNetLocalizer
+
+TINY = DADDASettings(dadda_diffusion_size=32, dadda_unet_channels=8, dadda_unet_levels=2,
+                     dadda_diffusion_steps=20, dadda_sample_steps=4, dadda_diffusion_batch=4,
+                     dadda_warmup=2)
+
+
+def _masks(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), np.uint8)
+    for m in masks:
+        y, x = rng.integers(0, size - 8, 2)
+        m[y:y + 8, x:x + 8] = 1
+    return masks
+
+
+def test_unet_shapes_and_registry() -> None:
+    model = create_model("dadda_unet", **TINY.unet_kwargs(3))
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, torch.tensor([1, 7])).shape == x.shape
+    with pytest.raises(ValueError, match="input"):
+        model(torch.randn(2, 3, 16, 16), torch.tensor([1, 7]))
+    conditional = DiffusionUNet(**TINY.unet_kwargs(1, num_classes=3))
+    with pytest.raises(ValueError, match="needs classes"):
+        conditional(torch.randn(1, 1, 32, 32), torch.tensor([0]))
+
+
+def test_attention_is_multi_head_in_intermediate_and_bottleneck_layers() -> None:
+    model = DiffusionUNet(in_channels=3, image_size=64, base_channels=8, channel_mults=(1, 2, 2),
+                          heads=4, head_dim=32)
+    attended = [name for name, _ in model.named_modules() if name.endswith("attn")]
+    # 64 px: levels at 64 and 32 px have none, 16 px and the bottleneck have one each way
+    assert attended == ["down.2.attn", "mid_attn", "up.0.attn"]
+    assert model.mid_attn.qkv.out_features == 3 * 4 * 32
+
+
+def test_pretrained_image_model_loads_into_mask_conditioned_one_and_mask_matters() -> None:
+    torch.manual_seed(0)
+    unconditional = DiffusionUNet(**TINY.unet_kwargs(3))
+    pairs = DefectPairs(np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32),
+                        _masks(4), np.zeros(4, np.int64))
+    settings = DADDASettings(**{**TINY.__dict__, "dadda_finetune_iterations": 2})
+    model = finetune_image_model(unconditional.state_dict(), pairs, settings=settings, seed=0)
+    assert model.mask_conditioning
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
+    with torch.no_grad():
+        a = model(x, t, mask=torch.from_numpy(_masks(1, seed=1)).float()[:, None])
+        b = model(x, t, mask=torch.from_numpy(_masks(1, seed=2)).float()[:, None])
+    assert not torch.allclose(a, b), "the output must depend on the conditioning mask"
+    wrong = DiffusionUNet(**{**TINY.unet_kwargs(3), "base_channels": 16})
+    with pytest.raises(ValueError, match="do not fit"):
+        finetune_image_model(wrong.state_dict(), pairs, settings=settings, seed=0)
+
+
+def test_diffusion_training_returns_ema_and_sampling_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = DiffusionUNet(**TINY.unet_kwargs(1, num_classes=2))
+    data = torch.from_numpy(_masks(6)).float()[:, None] * 2 - 1
+    ema, stats = train_diffusion(model, data, settings=TINY, iterations=3, seed=0,
+                                 classes=torch.tensor([0, 1] * 3))
+    assert np.isfinite(stats["loss"]) and stats["seconds"] > 0
+    raw, averaged = model.state_dict(), ema.state_dict()
+    assert raw.keys() == averaged.keys()
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw), "EMA equals the raw weights"
+    classes = torch.tensor([0, 1, 1])
+    first = sample(ema, 3, settings=TINY, seed=3, classes=classes)
+    again = sample(ema, 3, settings=TINY, seed=3, classes=classes)
+    assert first.shape == (3, 1, 32, 32) and torch.equal(first, again)
+    assert first.min() >= -1 and first.max() <= 1
+    ancestral = DADDASettings(**{**TINY.__dict__, "dadda_sampler": "ddpm"})
+    assert sample(ema, 1, settings=ancestral, seed=3, classes=classes[:1]).shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="\\[-1, 1\\]"):
+        train_diffusion(model, data * 3, settings=TINY, iterations=1, seed=0,
+                        classes=torch.tensor([0, 1] * 3))
+
+
+def test_sampled_masks_are_binary_nonempty_and_classed() -> None:
+    torch.manual_seed(0)
+    model = DiffusionUNet(**TINY.unet_kwargs(1, num_classes=3)).eval()
+    pairs = sample_masks(model, [0, 2], 2, settings=TINY, seed=0)
+    assert set(np.unique(pairs.classes)) <= {0, 2}
+    assert all(m.any() for m in pairs.masks) and set(np.unique(pairs.masks)) <= {0, 1}
+
+
+def test_defect_pairs_roundtrip_and_checks(tmp_path) -> None:
+    pairs = DefectPairs(np.full((2, 32, 32, 3), 0.5, np.float32), _masks(2),
+                        np.array([1, 0], np.int64))
+    pairs.save(tmp_path / "p.npz")
+    loaded = DefectPairs.load(tmp_path / "p.npz")
+    assert np.array_equal(loaded.masks, pairs.masks) and loaded.classes.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        DefectPairs(pairs.images * 3, pairs.masks, pairs.classes).check()
+    with pytest.raises(FileNotFoundError, match="no synthetic pairs"):
+        DefectPairs.load(tmp_path / "missing.npz")
+
+
+def test_localizer_shapes() -> None:
+    model = UNetLocalizer(base_channels=4, depth=3)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="multiple"):
+        model(torch.rand(1, 3, 36, 36))
+
+
+def test_settings_name_bad_keys() -> None:
+    with pytest.raises(ValueError, match="dadda-synthesis"):
+        DADDASettings(dadda_synthesis="gan")
+    with pytest.raises(ValueError, match="dadda-sample-steps"):
+        DADDASettings(dadda_sample_steps=500, dadda_diffusion_steps=100)
