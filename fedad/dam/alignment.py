@@ -62,9 +62,15 @@ def clamp_shift(mask: np.ndarray, shift: Shift) -> Shift:
 
 
 def random_shift(mask: np.ndarray, max_fraction: float, rng: np.random.Generator) -> Shift:
-    """A uniform random (dy, dx) up to ``max_fraction`` of each side, clamped to keep ``mask``
-    [H, W] inside the frame (the paper's random x/y shift for textures)."""
-    height, width = mask.shape
-    dy = int(rng.integers(-round(height * max_fraction), round(height * max_fraction) + 1))
-    dx = int(rng.integers(-round(width * max_fraction), round(width * max_fraction) + 1))
-    return clamp_shift(mask, (dy, dx))
+    """A random (dy, dx), uniform over the shifts of at most ``max_fraction`` of each side that
+    keep ``mask`` [H, W] inside the frame (the paper's random x/y shift for textures); drawing
+    within the allowed range, not clamping, so defects do not pile up at the borders."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        raise ValueError("random_shift: empty mask")
+    shift = []
+    for positions, side in ((rows, mask.shape[0]), (cols, mask.shape[1])):
+        reach = round(side * max_fraction)
+        low, high = max(-positions.min(), -reach), min(side - 1 - positions.max(), reach)
+        shift.append(int(rng.integers(low, high + 1)))
+    return shift[0], shift[1]
