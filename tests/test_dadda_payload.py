@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from PIL import Image
 
 from fedad.dadda.payload import (
@@ -76,6 +76,14 @@ def test_a_defective_sample_never_reaches_the_normal_images(site):
         _normal_pixels(defect, SIZE)
     only_defects = build_upload([s for s in site if s.defect_type != "good"], SIZE, TYPES)
     assert len(only_defects.normal_images) == 0 and len(only_defects.masks) == 3
+
+
+def test_a_site_without_defects_uploads_only_normal_images(site):
+    good_only = build_upload([s for s in site if s.defect_type == "good"], SIZE, TYPES)
+    assert good_only.masks.shape == (0, SIZE, SIZE) and good_only.defect_digests == ()
+    back = record_to_upload(upload_to_record(good_only))
+    check_upload(back, num_classes=len(TYPES))
+    assert back.masks.shape == (0, SIZE, SIZE) and len(back.normal_images) == 4
 
 
 def test_record_round_trip_preserves_the_upload(upload):
@@ -164,6 +172,12 @@ def test_strict_parsing_refuses_missing_extra_and_mistyped_fields(upload):
     mistyped = upload_to_record(_mutate(upload, masks=upload.masks.astype(np.float32)))
     with pytest.raises(PrivacyViolation, match="'types'"):
         record_to_upload(mistyped)
+    arrays = dict(record[UPLOAD_ARRAYS].items())
+    arrays["masks"] = Array(dtype="uint8", shape=(2,), stype="numpy.ndarray", data=b"garbage")
+    garbled = RecordDict({UPLOAD_ARRAYS: ArrayRecord(array_dict=arrays),
+                          UPLOAD_DIGESTS: record[UPLOAD_DIGESTS]})
+    with pytest.raises(PrivacyViolation, match="'types'"):
+        record_to_upload(garbled)
 
 
 def test_image_digest_tells_equal_from_changed_images(site):

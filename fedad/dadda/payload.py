@@ -231,7 +231,7 @@ def check_upload(
     if masks.size and masks.max() > 1:
         raise PrivacyViolation("binary-mask", f"masks: values {np.unique(masks)[:6].tolist()}; "
                                "expected 0 and 1")
-    empty = np.flatnonzero(masks.reshape(len(masks), -1).max(1, initial=0) == 0)
+    empty = np.flatnonzero(masks.max(axis=(1, 2), initial=0) == 0)
     if empty.size:
         raise PrivacyViolation("empty-mask", f"masks {empty[:5].tolist()} have no defect pixel")
     classes = upload.mask_classes
@@ -273,9 +273,12 @@ def record_to_upload(content: RecordDict) -> ServerUpload:
     values = {}
     for key, dtype in FIELD_DTYPES.items():
         array = arrays[key]
-        if np.dtype(array.dtype) != dtype:
-            raise PrivacyViolation("types", f"{key}: expected {dtype}, got {array.dtype}")
-        values[key] = array.numpy()
+        try:
+            values[key] = array.numpy()
+        except (TypeError, ValueError, EOFError, OSError) as err:
+            raise PrivacyViolation("types", f"{key}: not a numpy array ({err})") from None
+        if values[key].dtype != dtype:
+            raise PrivacyViolation("types", f"{key}: expected {dtype}, got {values[key].dtype}")
     listed = digests[DIGESTS_KEY]
     if not isinstance(listed, list) or not all(isinstance(d, str) for d in listed):
         raise PrivacyViolation("types", f"{DIGESTS_KEY}: expected a list of strings")
