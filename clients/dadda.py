@@ -57,7 +57,8 @@ class DADDASite(ModelClient):
 
     def query_dadda_upload(self, content: RecordDict) -> RecordDict:
         """Stage 1: DAM (cached), then the site's eq. (3) payload at ``dadda-diffusion-size``
-        with the DAM masks appended (their class index counts "good" as 0, as the payload's)."""
+        with the DAM masks appended (their class index counts "good" as 0, as the payload's);
+        no payload when the server's config says ``send-upload=false`` (DAM-only runs)."""
         settings = self.settings
         seed_everything(self._seed)
         samples = self.data.samples(self.partition_id, "train")
@@ -72,6 +73,8 @@ class DADDASite(ModelClient):
         dam.save(self._dam_cache(samples))
         log.info("partition %d: DAM made %d pairs from %d real defects in %.1f s",
                  self.partition_id, len(dam), len(real), time.perf_counter() - start)
+        if not content["config"].get("send-upload", True):  # dam-only: nothing to send
+            return RecordDict({"metrics": MetricRecord({"num-dam": len(dam)})})
         upload = build_upload(samples, settings.dadda_diffusion_size, self.data.defect_types)
         upload = ServerUpload(
             normal_images=upload.normal_images,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import Array
 
 import clients.dadda
 from fedad.config import ExperimentConfig
@@ -39,10 +40,9 @@ def test_all_stages_in_process_refuse_a_tampered_upload(tmp_path, monkeypatch) -
 
     def tampered(self, content):
         reply = honest(self, content)
-        if self.partition_id == 0:  # claims a defective image is normal... then labels it 1
+        if self.partition_id == 0:  # a site that labels one uploaded image defective
             labels = reply[UPLOAD_ARRAYS]["image-labels"].numpy().copy()
             labels[0] = 1
-            from flwr.app import Array
             reply[UPLOAD_ARRAYS]["image-labels"] = Array(labels)
         return reply
 
@@ -78,7 +78,7 @@ def test_all_stages_in_process_refuse_a_tampered_upload(tmp_path, monkeypatch) -
     cached = sorted((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 6  # per site: DAM pairs and the diffusion pairs
     assert set(pd.read_csv(root / "stages.csv")["stage"]) == {
-        "stage1_upload", "stage2_generators", "stage3_synthesis", "stage4_federated"}
+        "stage1_dam_upload", "stage2_generators", "stage3_synthesis", "stage4_federated"}
 
 
 def test_dam_only_skips_the_generators(tmp_path) -> None:
@@ -86,6 +86,7 @@ def test_dam_only_skips_the_generators(tmp_path) -> None:
                                                   "num-server-rounds": 1})
     summary = run_dadda(InProcessGrid(cfg, 2), cfg)
     assert "stage2_generators" not in summary["stage_seconds"]
+    assert not (tmp_path / "run" / "privacy_audit.jsonl").exists(), "DAM-only sends nothing"
     synthesis = pd.read_csv(tmp_path / "run" / "synthesis.csv")
     assert (synthesis["num-synthetic"] == synthesis["num-dam"]).all()
     assert pd.read_csv(tmp_path / "run" / "table_ii.csv")["Synthesis"].tolist() == ["dam-only"]

@@ -2,7 +2,8 @@
 
 1. ``query.dadda_upload``: every site runs DAM and sends its eq. (3) payload; the server parses,
    checks and audits each one (:func:`fedad.dadda.payload.receive_upload`, RESULTS_DIR/
-   privacy_audit.jsonl) before any use; refused payloads are left out and logged.
+   privacy_audit.jsonl) before any use; refused payloads are left out and logged. With
+   ``dadda-synthesis=dam-only`` the sites run DAM and send nothing (no server models needed).
 2. Stage 2 (``dadda-synthesis=dadda``): G^I (unconditional DDPM) on the accepted normal images,
    G^M (class-conditional DDPM, classifier-free guidance) on the accepted masks.
 3. ``query.dadda_synthesize`` with the G^I / G^M weights: each site fine-tunes G^I with the mask
@@ -51,11 +52,22 @@ def _broadcast(grid: Grid, nodes: list[int], message_type: str, content: RecordD
     return sorted(replies, key=lambda m: m.metadata.src_node_id)
 
 
+def run_dam_only(grid: Grid, nodes: list[int], cfg: ExperimentConfig) -> None:
+    """Stage 1 without a payload (``dadda-synthesis=dam-only`` needs no server models): every
+    site runs DAM and caches its pairs (RuntimeError naming the nodes that failed)."""
+    content = RecordDict({"config": ConfigRecord({"send-upload": False})})
+    failed = [f"node {r.metadata.src_node_id}: {r.error.reason}"
+              for r in _broadcast(grid, nodes, UPLOAD, content, cfg) if r.has_error()]
+    if failed:
+        raise RuntimeError("stage 1 (DAM) failed on " + "; ".join(failed))
+
+
 def collect_uploads(grid: Grid, nodes: list[int], cfg: ExperimentConfig, audit: PrivacyAudit,
                     num_classes: int) -> list[ServerUpload]:
     """Stage 1: the accepted uploads (refused or failed ones are audited, logged, left out)."""
     accepted = []
-    for reply in _broadcast(grid, nodes, UPLOAD, RecordDict(), cfg):
+    content = RecordDict({"config": ConfigRecord({"send-upload": True})})
+    for reply in _broadcast(grid, nodes, UPLOAD, content, cfg):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.error("node %s: no upload (site error: %s)", node, reply.error.reason)
@@ -130,12 +142,16 @@ def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    uploads = collect_uploads(grid, nodes, cfg, PrivacyAudit(root / "privacy_audit.jsonl"),
-                              len(data.defect_types))
-    seconds["stage1_upload"] = time.perf_counter() - start
+    uploads: list[ServerUpload] = []
     models = RecordDict()
     generator_stats: dict[str, float] = {}
-    if settings.dadda_synthesis == "dadda":
+    if settings.dadda_synthesis == "dam-only":
+        run_dam_only(grid, nodes, cfg)
+        seconds["stage1_dam"] = time.perf_counter() - start
+    else:
+        uploads = collect_uploads(grid, nodes, cfg, PrivacyAudit(root / "privacy_audit.jsonl"),
+                                  len(data.defect_types))
+        seconds["stage1_dam_upload"] = time.perf_counter() - start
         if not uploads:
             raise RuntimeError("stage 2: every upload was refused (see privacy_audit.jsonl)")
         start = time.perf_counter()
