@@ -116,14 +116,12 @@ class DefectAugmenter:
         self.defect = defect_images.astype(np.float32, copy=False)
         self.masks = defect_masks.astype(bool)
         s = self.settings
+        self._scale = max(normal_images.shape[1:3]) / 128  # dam-smooth-sigma is given at 128
         self.superpixels = SuperpixelCache(
             self.normal, kernel_size=s.dam_quickshift_kernel_size,
             max_dist=s.dam_quickshift_max_dist, ratio=s.dam_quickshift_ratio,
         )
-        self.quality = QualityRule(
-            self.defect, self.normal, leave_out=self.settings.dam_quality_leave_out
-        )
-        self._scale = normal_images.shape[1] / 128  # pixel settings are given at 128x128
+        self.quality = QualityRule(self.defect, self.normal, leave_out=s.dam_quality_leave_out)
 
     def _alignment(self, normal_index: int, defect_index: int) -> Shift:
         """The object alignment shift of defect image onto normal image (kept in frame)."""
