@@ -5,6 +5,8 @@
 
 from fedad.models._registry import create_model, list_models, register_model
 from fedad.models.backbones import BackboneError, FeatureBackbone, create_backbone
+from fedad.models.dyt import DyT
+from fedad.models.mae import MAEOutput, MaskedAutoencoder
 from fedad.models.msvt import (
     MSVT,
     MSVTOutput,
@@ -15,8 +17,11 @@ from fedad.models.msvt import (
 __all__ = [
     "MSVT",
     "BackboneError",
+    "DyT",
     "FeatureBackbone",
+    "MAEOutput",
     "MSVTOutput",
+    "MaskedAutoencoder",
     "create_backbone",
     "create_model",
     "list_models",

@@ -1,0 +1,261 @@
+"""Local training, calibration and inference of the masked autoencoder (method ``mae``).
+
+Two phases, mapped onto server rounds: rounds 1..``mae-pretrain-rounds`` pre-train with
+MSE + ``mae-ssim-weight`` * (1 - SSIM); later rounds fine-tune with the MSE only. Sites train on
+their normal images only. After local training each site sets the model's decision thresholds
+(the seed's dynamic threshold) from normal images it held out of training, so FedAvg averages
+the thresholds with the weights.
+
+Anomaly map: per-pixel squared reconstruction error (mean over RGB) of the unmasked image,
+Gaussian-smoothed; image score: the map's maximum. Both are mapped to [0, 1] by
+``e / (e + t)``, which is 0.5 exactly at the calibrated threshold t (fedad's Predictions
+contract) and keeps the order of the raw errors (AUROC and AUPRO are unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from fedad.config import ExperimentConfig
+from fedad.data import Sample
+from fedad.models import MAEOutput, create_model
+from fedad.models.dyt import NORM_LAYERS
+from fedad.task import ExtraLoss, ModelRecipe
+from fedad.train.predictions import Predictions
+from fedad.train.ssim import ssim
+from fedad.train.supervised import make_loader
+
+log = logging.getLogger(__name__)
+
+MAP_SMOOTHING_SIGMA = 4.0  # pixels at 128 x 128; scaled with the image size
+
+
+@dataclass(frozen=True)
+class MAESettings:
+    """Run-config keys of ``method=mae`` (kebab-case twins of these fields)."""
+
+    mae_patch_size: int = 8
+    mae_embed_dim: int = 192
+    mae_depth: int = 6
+    mae_heads: int = 3
+    mae_decoder_dim: int = 96
+    mae_decoder_depth: int = 2
+    mae_decoder_heads: int = 3
+    mae_norm: str = "dyt"
+    mae_mask_ratio: float = 0.75
+    mae_pretrain_rounds: int = 3
+    mae_ssim_weight: float = 0.5
+    mae_holdout_fraction: float = 0.2
+    mae_threshold_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.mae_norm not in NORM_LAYERS:
+            raise ValueError(f"mae-norm={self.mae_norm!r}: expected one of "
+                             f"{', '.join(NORM_LAYERS)}")
+        if not 0.0 <= self.mae_mask_ratio < 1.0:
+            raise ValueError(f"mae-mask-ratio={self.mae_mask_ratio}: must be in [0, 1)")
+        if self.mae_pretrain_rounds < 0:
+            raise ValueError(f"mae-pretrain-rounds={self.mae_pretrain_rounds}: must be >= 0")
+        if self.mae_ssim_weight < 0:
+            raise ValueError(f"mae-ssim-weight={self.mae_ssim_weight}: must be >= 0")
+        if not 0.0 < self.mae_holdout_fraction < 1.0:
+            raise ValueError(f"mae-holdout-fraction={self.mae_holdout_fraction}: must be in "
+                             "(0, 1)")
+        if not 0.5 <= self.mae_threshold_quantile <= 1.0:
+            raise ValueError(f"mae-threshold-quantile={self.mae_threshold_quantile}: must be "
+                             "in [0.5, 1]")
+        for name in ("patch_size", "embed_dim", "depth", "heads", "decoder_dim",
+                     "decoder_depth", "decoder_heads"):
+            if getattr(self, f"mae_{name}") < 1:
+                raise ValueError(f"mae-{name.replace('_', '-')}={getattr(self, f'mae_{name}')}:"
+                                 " must be >= 1")
+
+
+def build_mae(cfg: ExperimentConfig) -> nn.Module:
+    """The MAE of ``cfg``'s ``mae-*`` settings at ``cfg.image_size`` (no pretrained weights)."""
+    s = cfg.section(MAESettings)
+    if cfg.image_size % s.mae_patch_size:
+        raise ValueError(f"image-size={cfg.image_size} is not a multiple of "
+                         f"mae-patch-size={s.mae_patch_size}")
+    return create_model(
+        "mae", image_size=cfg.image_size, patch_size=s.mae_patch_size,
+        embed_dim=s.mae_embed_dim, depth=s.mae_depth, num_heads=s.mae_heads,
+        decoder_dim=s.mae_decoder_dim, decoder_depth=s.mae_decoder_depth,
+        decoder_heads=s.mae_decoder_heads, norm=s.mae_norm, mask_ratio=s.mae_mask_ratio,
+    )
+
+
+def reconstruction_loss(output: MAEOutput, images: torch.Tensor, ssim_weight: float
+                        ) -> dict[str, torch.Tensor]:
+    """MSE over the whole image, plus ``ssim_weight`` * (1 - SSIM) when the weight is > 0.
+
+    Args:
+        output: model output with reconstruction [B, 3, H, W]; images: [B, 3, H, W] targets.
+    Returns:
+        scalar losses; ``loss`` is the total.
+    """
+    mse = nn.functional.mse_loss(output.reconstruction, images)
+    losses = {"loss": mse, "mse": mse}
+    if ssim_weight > 0:
+        losses["ssim"] = ssim(output.reconstruction, images).mean()
+        losses["loss"] = mse + ssim_weight * (1 - losses["ssim"])
+    return losses
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """A site's normal images split into (train, threshold hold-out).
+
+    The hold-out is chosen by a hash of each image's path, so it is the same in every round
+    and never trained on; with fewer than 2 normal images there is no hold-out.
+    """
+    normal = [s for s in samples if s.label == 0]
+    if len(normal) < 2:
+        return normal, []
+    ranked = sorted(normal, key=lambda s: zlib.crc32(str(s.image_path).encode()))
+    count = max(1, round(fraction * len(normal)))
+    return ranked[count:], ranked[:count]
+
+
+def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, *, seed: int,
+            server_round: int, extra_loss: ExtraLoss | None = None) -> dict[str, float]:
+    """One site's local MAE training for a round, then threshold calibration.
+
+    Args:
+        samples: the site's training samples (defects among them are not trained on).
+        server_round: selects the phase (pre-training while <= ``mae-pretrain-rounds``).
+        extra_loss: FedProx / CFA terms, called with (output, labels = zeros [B]).
+    Returns:
+        last-epoch mean losses (``train_*``), ``num-examples``, ``train_seconds``, the
+        calibrated thresholds and ``pretraining`` (1.0 or 0.0).
+    """
+    s = cfg.section(MAESettings)
+    train, holdout = split_holdout(samples, s.mae_holdout_fraction)
+    if not train:
+        raise ValueError("mae: the site has no normal training images")
+    pretraining = server_round <= s.mae_pretrain_rounds
+    ssim_weight = s.mae_ssim_weight if pretraining else 0.0
+    start = time.perf_counter()
+    loader = make_loader(train, cfg.image_size, cfg.batch_size, shuffle=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
+    model.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.local_epochs):
+        totals, steps = {}, 0
+        for batch in loader:
+            images = batch["image"]
+            output = model(images, generator=generator)
+            losses = reconstruction_loss(output, images, ssim_weight)
+            if extra_loss is not None:
+                losses["extra_loss"] = extra_loss(output, torch.zeros(len(images)))
+                losses["loss"] = losses["loss"] + losses["extra_loss"]
+            if not torch.isfinite(losses["loss"]):
+                raise FloatingPointError(f"mae: non-finite loss {losses['loss'].item()}")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            steps += 1
+            if cfg.max_train_batches and steps >= cfg.max_train_batches:
+                break
+    if not holdout:
+        log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
+    calibrate_thresholds(model, holdout or train, cfg.image_size, s.mae_threshold_quantile)
+    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+    result.update({
+        "num-examples": len(train), "train_seconds": time.perf_counter() - start,
+        "pixel_threshold": float(model.pixel_threshold), "pretraining": float(pretraining),
+        "image_threshold": float(model.image_threshold),
+    })
+    return result
+
+
+@torch.no_grad()
+def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_size: int,
+                          defect_types: Sequence[str] | None = None, batch_size: int = 16
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Raw anomaly maps and image scores of the full (unmasked) images.
+
+    Returns:
+        maps [N, H, W] (smoothed squared error, mean over RGB), scores [N] (map maxima), and
+        the batches' ``labels``, ``defect_classes``, ``masks`` [N, H, W], ``images`` [N, H, W, 3].
+    """
+    if not samples:
+        raise ValueError("mae: no samples to reconstruct")
+    model.eval()
+    sigma = MAP_SMOOTHING_SIGMA * image_size / 128
+    loader = make_loader(samples, image_size, batch_size, shuffle=False,
+                         defect_types=defect_types)
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("maps", "labels", "defect_classes", "masks", "images")}
+    for batch in loader:
+        images = batch["image"]
+        error = ((model(images).reconstruction - images) ** 2).mean(1).numpy()  # [B, H, W]
+        parts["maps"].append(np.stack([gaussian_filter(e, sigma) for e in error]))
+        parts["labels"].append(batch["label"].numpy())
+        parts["defect_classes"].append(batch["defect_class"].numpy())
+        parts["masks"].append(batch["mask"][:, 0].numpy())
+        parts["images"].append(images.permute(0, 2, 3, 1).numpy())
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    maps = out.pop("maps")
+    if not np.isfinite(maps).all():
+        raise FloatingPointError("mae: non-finite reconstruction errors")
+    return maps, maps.reshape(len(maps), -1).max(1), out
+
+
+def calibrate_thresholds(model: nn.Module, normal: Sequence[Sample], image_size: int,
+                         quantile: float) -> None:
+    """Set ``model.pixel_threshold`` / ``image_threshold`` to the ``quantile`` of the raw pixel
+    errors / image scores of ``normal`` images (which the model was not trained on)."""
+    maps, scores, _ = reconstruction_errors(model, normal, image_size)
+    model.pixel_threshold.fill_(max(float(np.quantile(maps, quantile)), 1e-12))
+    model.image_threshold.fill_(max(float(np.quantile(scores, quantile)), 1e-12))
+
+
+def to_unit_interval(errors: np.ndarray, threshold: float) -> np.ndarray:
+    """``e / (e + t)``: errors >= 0 -> [0, 1), 0.5 exactly at the threshold ``t`` > 0."""
+    if not threshold > 0:
+        raise ValueError(f"mae: threshold {threshold} must be > 0 (calibrate the model first)")
+    return errors / (errors + threshold)
+
+
+def predict_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
+                defect_types: Sequence[str] | None = None) -> Predictions:
+    """Predictions of the calibrated MAE on ``samples`` (maps and scores in [0, 1], 0.5 at the
+    model's thresholds)."""
+    maps, scores, rest = reconstruction_errors(model, samples, cfg.image_size, defect_types,
+                                               batch_size=max(cfg.batch_size, 16))
+    return Predictions(
+        maps=to_unit_interval(maps, float(model.pixel_threshold)),
+        image_scores=to_unit_interval(scores, float(model.image_threshold)), **rest,
+    ).check()
+
+
+def threshold_f1(predictions: Predictions) -> dict[str, float]:
+    """F1 of images and of pixels at the calibrated threshold (score >= 0.5 is anomalous)."""
+
+    def f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+        tp = float(np.sum(truth & predicted))
+        denominator = float(np.sum(truth)) + float(np.sum(predicted))
+        return 2 * tp / denominator if denominator else 0.0
+
+    return {
+        "image_f1": f1(predictions.labels > 0, predictions.image_scores >= 0.5),
+        "pixel_f1": f1(predictions.masks > 0.5, predictions.maps >= 0.5),
+    }
+
+
+MAE_RECIPE = ModelRecipe(build=build_mae, fit=fit_mae, predict=predict_mae)

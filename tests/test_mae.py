@@ -1,0 +1,132 @@
+"""MAE-DyT: block masking, visible-only encoding, SSIM against scikit-image, thresholds."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from fedad.config import ConfigError, ExperimentConfig
+from fedad.data import generate_dataset
+from fedad.experiment import prepare_data
+from fedad.models import MaskedAutoencoder, create_model
+from fedad.models.dyt import DyT
+from fedad.models.mae import block_mask
+from fedad.train.reconstruction import (
+    MAE_RECIPE,
+    reconstruction_errors,
+    split_holdout,
+    threshold_f1,
+    to_unit_interval,
+)
+from fedad.train.ssim import ssim
+
+TINY = {"mae-patch-size": 8, "mae-embed-dim": 32, "mae-depth": 1, "mae-heads": 2,
+        "mae-decoder-dim": 16, "mae-decoder-depth": 1, "mae-decoder-heads": 2,
+        "mae-pretrain-rounds": 1}
+
+
+def tiny_mae(norm: str = "dyt") -> MaskedAutoencoder:
+    return create_model("mae", image_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                        decoder_dim=16, decoder_depth=1, decoder_heads=2, norm=norm)
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.3])
+def test_block_mask_hides_exact_fraction_in_contiguous_blocks(ratio):
+    masks = block_mask(16, 8, ratio, torch.Generator().manual_seed(0))
+    assert masks.shape == (16, 64) and masks.dtype == torch.bool
+    assert (masks.sum(1) == round(ratio * 64)).all()
+    assert len({tuple(m.tolist()) for m in masks}) == 16  # a fresh mask per image
+    # blocks, not scattered patches: most hidden patches have a hidden 4-neighbour
+    grid = masks.view(16, 8, 8)
+    neighbour = torch.zeros_like(grid)
+    neighbour[:, 1:] |= grid[:, :-1]
+    neighbour[:, :-1] |= grid[:, 1:]
+    neighbour[:, :, 1:] |= grid[:, :, :-1]
+    neighbour[:, :, :-1] |= grid[:, :, 1:]
+    assert (grid & neighbour).sum() / grid.sum() > 0.9
+
+
+def test_masking_in_training_only_and_encoder_sees_visible_patches_only():
+    torch.manual_seed(0)
+    model = tiny_mae()
+    images = torch.rand(2, 3, 64, 64)
+    model.train()
+    out = model(images, generator=torch.Generator().manual_seed(3))
+    assert (out.mask.sum(1) == 48).all()  # 75 % of 8 x 8 patches
+    # pixels under hidden patches cannot change the output: the encoder never saw them
+    hidden = out.mask.view(2, 8, 8).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    changed = torch.where(hidden[:, None], torch.rand(2, 3, 64, 64), images)
+    again = model(changed, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again.reconstruction, out.reconstruction)
+    model.eval()
+    full = model(images)
+    assert not full.mask.any() and full.embedding.shape == (2, 32)
+    assert not torch.allclose(model(changed).reconstruction, full.reconstruction)
+    assert full.reconstruction.min() >= 0 and full.reconstruction.max() <= 1
+
+
+def test_norm_switch_replaces_every_norm():
+    def norms(model, kind):
+        return sum(isinstance(m, kind) for m in model.modules())
+    dyt, layernorm = tiny_mae("dyt"), tiny_mae("layernorm")
+    assert norms(dyt, torch.nn.LayerNorm) == 0 and norms(dyt, DyT) == 2 * 2 + 2
+    assert norms(layernorm, DyT) == 0 and norms(layernorm, torch.nn.LayerNorm) == 6
+
+
+def test_ssim_matches_scikit_image_within_1e_5():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 48, 3))
+    y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1)
+    reference = structural_similarity(x, y, data_range=1.0, channel_axis=2,
+                                      gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    ours = ssim(torch.tensor(x).permute(2, 0, 1)[None], torch.tensor(y).permute(2, 0, 1)[None])
+    assert abs(float(ours) - reference) < 1e-5
+    same = torch.tensor(x).permute(2, 0, 1)[None]
+    assert float(ssim(same, same)) == pytest.approx(1.0)
+
+
+def test_unit_interval_is_half_at_threshold_and_keeps_order():
+    errors = np.array([0.0, 0.01, 0.02, 0.5])
+    mapped = to_unit_interval(errors, 0.02)
+    assert mapped[2] == 0.5 and (np.diff(mapped) > 0).all() and mapped.max() < 1
+    with pytest.raises(ValueError, match="threshold"):
+        to_unit_interval(errors, 0.0)
+
+
+def test_fit_calibrates_thresholds_on_held_out_normals_and_predicts(tmp_path):
+    root = generate_dataset(tmp_path / "mvtec", categories=["washer"], num_train=10,
+                            num_test_good=3, num_test_per_defect=2)
+    cfg = ExperimentConfig(method="mae", data_path=str(root), category="washer", image_size=64,
+                           local_epochs=1, batch_size=4, max_train_batches=2, backbone="none",
+                           extra=TINY)
+    data = prepare_data(cfg, 1)
+    samples = data.samples(0, "train")
+    train, holdout = split_holdout(samples, 0.2)
+    assert holdout and not {s.image_path for s in train} & {s.image_path for s in holdout}
+    assert split_holdout(list(reversed(samples)), 0.2)[1] == holdout  # same every round
+    torch.manual_seed(0)
+    model = MAE_RECIPE.build(cfg)
+    metrics = MAE_RECIPE.fit(model, samples, cfg, seed=0, server_round=1)
+    assert metrics["pretraining"] == 1.0 and "train_ssim" in metrics
+    assert metrics["num-examples"] == len(train)
+    maps, scores, _ = reconstruction_errors(model, holdout, 64)
+    assert float(model.pixel_threshold) == pytest.approx(np.quantile(maps, 0.99), rel=1e-5)
+    assert float(model.image_threshold) == pytest.approx(np.quantile(scores, 0.99), rel=1e-5)
+    finetune = MAE_RECIPE.fit(model, samples, cfg, seed=1, server_round=2)
+    assert finetune["pretraining"] == 0.0 and "train_ssim" not in finetune
+    test = data.samples(-1, "test")
+    predictions = MAE_RECIPE.predict(model, test, cfg, data.defect_types)
+    assert predictions.maps.shape == (len(test), 64, 64)
+    assert predictions.maps.min() >= 0 and predictions.maps.max() < 1
+    f1 = threshold_f1(predictions)
+    assert 0 <= f1["image_f1"] <= 1 and 0 <= f1["pixel_f1"] <= 1
+
+
+def test_bad_settings_name_the_key():
+    cfg = ExperimentConfig(method="mae", image_size=64, extra={"mae-norm": "batchnorm"})
+    with pytest.raises(ConfigError, match="mae-norm"):
+        MAE_RECIPE.build(cfg)
+    cfg = ExperimentConfig(method="mae", image_size=64, extra={"mae-patch-size": 24})
+    with pytest.raises(ValueError, match="mae-patch-size=24"):
+        MAE_RECIPE.build(cfg)
