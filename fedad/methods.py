@@ -31,9 +31,15 @@ _MODEL_CLIENT = "clients.model:ModelClient"
 
 METHODS: dict[str, MethodEntry] = {
     "msvt": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.supervised:MSVT_RECIPE"),
-    "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.reconstruction:MAE_RECIPE"),
     "dadda": MethodEntry("fedad.dadda.workflow:run_dadda", "clients.dadda:DADDASite",
                          "fedad.dadda.detector:DADDA_RECIPE"),
+    "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.reconstruction:MAE_RECIPE"),
+    "memorybank": MethodEntry("fedad.heads.workflow:run_feature_head",
+                              "clients.feature_head:FeatureHeadClient"),
+    "gmm": MethodEntry("fedad.heads.workflow:run_feature_head",
+                       "clients.feature_head:FeatureHeadClient"),
+    "flow": MethodEntry("fedad.heads.workflow:run_feature_head",
+                        "clients.feature_head:FeatureHeadClient"),
 }
 
 

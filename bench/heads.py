@@ -1,0 +1,248 @@
+"""Feature heads benchmark: memory bank (Sinkhorn K-means, k-means, coreset kNN), GMM and flow
+on pretrained Lite0 patch features; centralized vs federated (one-shot and one refinement
+round); cross-domain (sources -> target category); the K ablation; latency and memory.
+
+Features are extracted once per category and reused by every head; the heads, merges,
+refinements, scoring and calibration are the library functions the Flower workflow runs
+(fedad.heads), called directly. Calibration uses the sites' normal training images; only
+the metrics read the test split. Nothing is tuned here: settings are HeadSettings' defaults.
+
+    python bench/heads.py --out /tmp/heads-bench            # all synthetic categories
+    python bench/heads.py --out /tmp/heads-bench --latency  # + per-image latency at 128/224
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedad.config import ExperimentConfig
+from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
+from fedad.experiment import prepare_data
+from fedad.heads.features import build_extractor
+from fedad.heads.payload import Payload
+from fedad.heads.registry import HEADS
+from fedad.heads.scoring import (
+    PatchSet,
+    ScoreScale,
+    anomaly_maps,
+    extract_patches,
+    image_scores,
+    score_moments,
+)
+from fedad.heads.settings import HeadSettings
+from fedad.heads.workflow import evaluate_head
+
+log = logging.getLogger("bench.heads")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+COLUMNS = ["category", "head", "setting", *METRICS]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A head under test: method name and its settings."""
+
+    name: str
+    method: str
+    settings: HeadSettings
+    federated: bool = True
+
+
+def variants(num_train_patches: int) -> list[Variant]:
+    """The heads compared (defaults; the coreset keeps 10 % of the patches, PatchCore's
+    middle setting, as a centralized baseline only: its bank is made of patch features)."""
+    base = HeadSettings()
+    coreset_size = max(1, num_train_patches // 10)
+    return [
+        Variant("bank-sinkhorn", "memorybank", base),
+        Variant("bank-kmeans", "memorybank", dataclasses.replace(base, bank_clustering="kmeans")),
+        Variant("coreset-10%", "memorybank",
+                dataclasses.replace(base, bank_clustering="coreset", num_prototypes=coreset_size),
+                federated=False),
+        Variant("gmm", "gmm", base),
+        Variant("flow", "flow", base),
+    ]
+
+
+def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: PatchSet,
+             image_size: int, seed: int) -> dict[str, float]:
+    """Test metrics of ``payload``, calibrated on the sites' normal training images."""
+    head = HEADS[variant.method](variant.settings, test.features.shape[1], seed)
+    moments = []
+    for site in sites:
+        maps = anomaly_maps(head, payload, site.features, image_size, variant.settings.map_sigma)
+        moments.append(score_moments(maps, image_scores(maps, variant.settings)))
+    cfg = ExperimentConfig(method=variant.method, image_size=image_size, seed=seed,
+                           extra={k.replace("_", "-"): v for k, v in
+                                  dataclasses.asdict(variant.settings).items()})
+    metrics, _ = evaluate_head(head, payload, test, ScoreScale.from_moments(moments), cfg)
+    return {k: metrics[k] for k in METRICS}
+
+
+def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int) -> Payload:
+    """One-shot federated head (``rounds`` = 1) or with refinement rounds; one site = the
+    centralized reference."""
+    head = HEADS[variant.method](variant.settings, sites[0].features.shape[1], seed)
+    limit = variant.settings.max_patches
+    features = [s.flat(limit, seed=seed + i) for i, s in enumerate(sites)]
+    payloads = [head.fit_local(f) for f in features]
+    global_head = payloads[0] if len(sites) == 1 else head.merge(payloads)
+    for _ in range(rounds - 1):
+        global_head = head.refine(global_head, [head.refine_local(global_head, f)
+                                                for f in features])
+    return global_head
+
+
+def category_patches(category: str, image_size: int, num_sites: int, seed: int,
+                     extractor) -> tuple[list[PatchSet], PatchSet]:
+    """Normal training patches of each IID site and the test patches of one category."""
+    cfg = ExperimentConfig(category=category, image_size=image_size, seed=seed,
+                           min_train_nodes=1)
+    data = prepare_data(cfg, num_sites)
+    sites = [extract_patches(extractor, [s for s in data.samples(i, "train") if s.label == 0],
+                             image_size) for i in range(num_sites)]
+    test = extract_patches(extractor, data.samples(-1, "test"), image_size, data.defect_types)
+    return sites, test
+
+
+def pooled(sites: list[PatchSet]) -> PatchSet:
+    """The sites' patches as one site (the centralized reference)."""
+    return PatchSet(torch.cat([s.features for s in sites]),
+                    *(np.concatenate([getattr(s, k) for s in sites])
+                      for k in ("labels", "defect_classes", "masks", "images")))
+
+
+def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, dict]:
+    """Centralized / federated rows per category and head, and each category's patches."""
+    rows, patches = [], {}
+    for category in args.categories:
+        started = time.perf_counter()
+        sites, test = category_patches(category, args.image_size, args.sites, args.seed,
+                                       extractor)
+        patches[category] = (sites, test)
+        log.info("%s: features of %d + %d images in %.1f s", category,
+                 sum(len(s.labels) for s in sites), len(test.labels),
+                 time.perf_counter() - started)
+        central = [pooled(sites)]
+        for variant in variants(min(HeadSettings().max_patches,
+                                    central[0].flat().shape[0])):
+            settings = [("centralized", central, 1)]
+            if variant.federated:
+                settings += [(f"federated {args.sites} sites, 1 round", sites, 1),
+                             (f"federated {args.sites} sites, 3 rounds", sites, 3)]
+            for label, data, rounds in settings:
+                t0 = time.perf_counter()
+                payload = fit(variant, data, args.seed, rounds)
+                row = {"category": category, "head": variant.name, "setting": label,
+                       **evaluate(variant, payload, sites, test, args.image_size, args.seed),
+                       "fit_s": round(time.perf_counter() - t0, 1)}
+                log.info("%s", row)
+                rows.append(row)
+    return pd.DataFrame(rows), patches
+
+
+def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
+    """By-category federation (one site per category): the global bank from the source
+    categories only, and from all categories, scored on each target category's test split."""
+    variant = variants(1)[0]
+    rows = []
+    for target in patches:
+        sources = [pooled(patches[c][0]) for c in patches if c != target]
+        own = pooled(patches[target][0])
+        for label, sites in (("sources only", sources), ("sources + target site", [*sources, own])):
+            payload = fit(variant, sites, args.seed, 1)
+            rows.append({"category": target, "head": variant.name, "setting": label,
+                         **evaluate(variant, payload, sites, patches[target][1],
+                                    args.image_size, args.seed)})
+            log.info("%s", rows[-1])
+    return pd.DataFrame(rows)
+
+
+def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
+    """NexViTAD Fig. 8: K in {5, 10, 20, 30, 40}, Sinkhorn bank, centralized and federated."""
+    rows = []
+    for category, (sites, test) in patches.items():
+        for k in (5, 10, 20, 30, 40):
+            variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
+                              dataclasses.replace(HeadSettings(), num_prototypes=k))
+            for label, data in (("centralized", [pooled(sites)]),
+                                (f"federated {args.sites} sites", sites)):
+                payload = fit(variant, data, args.seed, 1)
+                rows.append({"category": category, "K": k, "setting": label,
+                             **evaluate(variant, payload, sites, test, args.image_size,
+                                        args.seed)})
+                log.info("%s", rows[-1])
+    return pd.DataFrame(rows)
+
+
+def run_latency(args: argparse.Namespace) -> pd.DataFrame:
+    """Per-image latency (one thread, median of 10 single images after 2 warm-ups) of feature
+    extraction + head scoring + map post-processing, the head's size, and peak RSS."""
+    rows = []
+    category = args.categories[0]
+    for image_size in (128, 224):
+        extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
+                                    image_size=image_size)
+        sites, test = category_patches(category, image_size, 1, args.seed, extractor)
+        for variant in variants(min(HeadSettings().max_patches, sites[0].flat().shape[0])):
+            payload = fit(variant, sites, args.seed, 1)
+            head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
+            images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
+                      for i in range(12)]
+            times = []
+            for image in images:
+                t0 = time.perf_counter()
+                maps = anomaly_maps(head, payload, extractor(image), image_size,
+                                    variant.settings.map_sigma)
+                image_scores(maps, variant.settings)
+                times.append(time.perf_counter() - t0)
+            rows.append({"image_size": image_size, "head": variant.name,
+                         "latency_ms": round(1000 * float(np.median(times[2:])), 1),
+                         "head_kib": round(sum(a.nbytes for a in payload.arrays.values())
+                                           / 1024, 1),
+                         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF)
+                                               .ru_maxrss / 1024)})
+            log.info("%s", rows[-1])
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--skip-ablation", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_synthetic(seed=0)
+    if args.latency:
+        run_latency(args).to_csv(args.out / "latency.csv", index=False)
+    extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
+                                image_size=args.image_size)
+    table, patches = run_categories(args, extractor)
+    table.to_csv(args.out / "heads.csv", index=False)
+    if len(patches) > 1:
+        run_cross_domain(args, patches).to_csv(args.out / "cross_domain.csv", index=False)
+    if not args.skip_ablation:
+        run_k_ablation(args, patches).to_csv(args.out / "k_ablation.csv", index=False)
+    for name in ("latency", "heads", "cross_domain", "k_ablation"):
+        path = args.out / f"{name}.csv"
+        if path.exists():
+            print(f"\n## {name}\n" + pd.read_csv(path).to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()

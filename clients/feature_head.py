@@ -1,0 +1,44 @@
+"""Site logic of the feature heads (method=memorybank|gmm|flow).
+
+``train``: fit a local head (round 1) or refinement statistics for the global head in the
+message; reply with the typed payload. ``evaluate``: score moments of local normal
+validation images under the global head (for the server's calibration). Only prototypes,
+statistics and flow weights leave the site; patch features and images never do.
+"""
+
+from __future__ import annotations
+
+from flwr.app import MetricRecord, RecordDict
+
+from clients.base import SiteClient
+from fedad.heads.payload import Payload, payload_from_record
+from fedad.heads.registry import head_for
+from fedad.heads.site import calibration_moments, fit_or_refine
+
+
+class FeatureHeadClient(SiteClient):
+    """One site of a feature-head run."""
+
+    def _global_head(self, content: RecordDict) -> Payload | None:
+        """The global head sent by the server (checked like any payload), or None."""
+        if "head" not in content.array_records:
+            return None
+        head = head_for(self.cfg)
+        return payload_from_record(content, head.fit_kind, head.sizes,
+                                   head.reference_shapes(head.fit_kind))
+
+    def train(self, content: RecordDict) -> RecordDict:
+        """Local fit or refinement; an empty reply (num-examples 0) when the site abstains."""
+        payload = fit_or_refine(self.cfg, self.partition_id, self.data.num_partitions,
+                                self._global_head(content))
+        if payload is None:
+            return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+        return payload.to_record()
+
+    def evaluate(self, content: RecordDict) -> RecordDict:
+        """Score moments (count, image / pixel mean and variance) for calibration."""
+        head = self._global_head(content)
+        if head is None:
+            raise ValueError("evaluate: the message carries no global head")
+        moments = calibration_moments(self.cfg, self.partition_id, self.data.num_partitions, head)
+        return RecordDict({"metrics": MetricRecord(moments or {"count": 0.0})})

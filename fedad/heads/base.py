@@ -1,0 +1,69 @@
+"""The interface every feature head implements: local fit, server merge, refinement rounds,
+patch scoring. Heads work on flattened patch features [N, D] and exchange :class:`Payload`s."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from fedad.heads.payload import Payload
+from fedad.heads.settings import HeadSettings
+
+
+class FeatureHead(ABC):
+    """A density / distance model of normal patch features of width ``dim``.
+
+    Round 1: each site calls :meth:`fit_local`; the server calls :meth:`merge`. Later rounds:
+    each site calls :meth:`refine_local` on the global head; the server calls :meth:`refine`.
+    """
+
+    fit_kind: str  # payload kind of a fitted head
+    refine_kind: str  # payload kind of a site's refinement reply
+
+    def __init__(self, settings: HeadSettings, dim: int, seed: int = 0) -> None:
+        self.settings = settings
+        self.dim = dim
+        self.seed = seed
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Values of the payload templates' symbols (``K``, ``D``)."""
+        return {"K": self.num_units, "D": self.dim}
+
+    @property
+    @abstractmethod
+    def num_units(self) -> int:
+        """Number of prototypes / components (K)."""
+
+    def reference_shapes(self, kind: str) -> dict[str, tuple[int, ...]] | None:
+        """Expected arrays of a payload of ``kind`` when no template fixes them (flows)."""
+        return None
+
+    @abstractmethod
+    def fit_local(self, features: torch.Tensor) -> Payload:
+        """A site's head from its normal patch features [N, D]."""
+
+    @abstractmethod
+    def merge(self, payloads: list[Payload]) -> Payload:
+        """The global head from the sites' fitted heads."""
+
+    @abstractmethod
+    def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
+        """A site's refinement statistics (or weights) for the global ``head``."""
+
+    @abstractmethod
+    def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
+        """The refined global head from the sites' refinement replies."""
+
+    @abstractmethod
+    def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
+        """Anomaly score [N] of patch features [N, D] under ``head`` (higher = more anomalous)."""
+
+
+def check_features(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """Assert finite [N, D] patch features at a head's border; returns them as float32."""
+    if features.dim() != 2 or features.shape[1] != dim or not torch.isfinite(features).all():
+        raise ValueError(f"patch features: expected finite [N, {dim}], got "
+                         f"{list(features.shape)}")
+    return features.float()

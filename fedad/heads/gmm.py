@@ -1,0 +1,128 @@
+"""A Gaussian mixture over normal patch features; a patch's score is its negative
+log-likelihood (the density head of the ViT + GMM seed, on patches).
+
+Sites fit a K-component mixture with scikit-learn's EM. The server merges the sites'
+components (weights scaled by each site's patch count) into K components by moment matching:
+components are grouped by weighted k-means on their means and each group is replaced by the
+Gaussian with the group's total weight, mean and covariance (law of total covariance).
+Refinement rounds are federated EM: sites run the E-step against the global mixture and send
+the sufficient statistics (sum of responsibilities, of r x, of r x x^T) per component; the
+server's M-step on the pooled statistics is the exact centralized EM step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+
+from fedad.heads.base import FeatureHead, check_features
+from fedad.heads.clustering import kmeans
+from fedad.heads.payload import Payload
+
+REG_COVAR = 1e-3
+"""Added to every covariance diagonal (scikit-learn's reg_covar), in squared feature units."""
+
+
+class GaussianMixtureHead(FeatureHead):
+    """K Gaussians: weights [K], means [K, D], covariances [K, D, D] (diagonal when
+    ``gmm-covariance=diag``, stored as diagonal matrices)."""
+
+    fit_kind = "mixture"
+    refine_kind = "em-stats"
+
+    @property
+    def num_units(self) -> int:
+        return self.settings.gmm_components
+
+    def fit_local(self, features: torch.Tensor) -> Payload:
+        """Site: EM on patch features [N, D] (scikit-learn, seeded)."""
+        features = check_features(features, self.dim).double().numpy()
+        model = GaussianMixture(self.num_units, covariance_type=self.settings.gmm_covariance,
+                                reg_covar=REG_COVAR, max_iter=100, random_state=self.seed)
+        model.fit(features)
+        covariances = model.covariances_
+        if self.settings.gmm_covariance == "diag":
+            covariances = np.stack([np.diag(c) for c in covariances])
+        return _mixture(model.weights_, model.means_, covariances, len(features))
+
+    def merge(self, payloads: list[Payload]) -> Payload:
+        """Server: moment-matched reduction of the count-weighted union of components."""
+        weights = np.concatenate([p.arrays["weights"] * p.count for p in payloads])
+        means = np.concatenate([p.arrays["means"] for p in payloads]).astype(np.float64)
+        covs = np.concatenate([p.arrays["covariances"] for p in payloads]).astype(np.float64)
+        centres = kmeans(torch.from_numpy(means).float(), self.num_units,
+                         weights=torch.from_numpy(weights).float(), seed=self.seed)
+        groups = torch.cdist(torch.from_numpy(means), centres.double()).argmin(1).numpy()
+        merged = [_moment_match(weights[groups == g], means[groups == g], covs[groups == g])
+                  for g in range(self.num_units) if (groups == g).any()]
+        if len(merged) < self.num_units:
+            raise ValueError(f"gmm-components={self.num_units}: the sites' components form "
+                             f"only {len(merged)} distinct groups")
+        w, mu, cov = (np.stack(x) for x in zip(*merged, strict=True))
+        return _mixture(w / w.sum(), mu, self._restrict(cov), sum(p.count for p in payloads))
+
+    def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
+        """Site: E-step sufficient statistics under the global mixture."""
+        x = check_features(features, self.dim).double()
+        resp = torch.softmax(_component_log_densities(head, x), dim=1)  # [N, K]
+        stats = {"counts": resp.sum(0), "sums": resp.T @ x,
+                 "outer": torch.einsum("nk,nd,ne->kde", resp, x, x)}
+        return Payload(self.refine_kind, {k: v.numpy() for k, v in stats.items()}, len(x))
+
+    def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
+        """Server: M-step on the pooled statistics (the centralized EM step)."""
+        counts = np.sum([p.arrays["counts"] for p in payloads], axis=0).astype(np.float64)
+        sums = np.sum([p.arrays["sums"] for p in payloads], axis=0).astype(np.float64)
+        outer = np.sum([p.arrays["outer"] for p in payloads], axis=0).astype(np.float64)
+        safe = np.maximum(counts, 1e-10)
+        means = sums / safe[:, None]
+        covs = outer / safe[:, None, None] - np.einsum("kd,ke->kde", means, means)
+        covs = self._restrict(covs)
+        return _mixture(np.maximum(counts, 1e-10) / safe.sum(), means, covs,
+                        sum(p.count for p in payloads))
+
+    def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood [N] of patch features [N, D] under the mixture."""
+        x = check_features(features, self.dim).double()
+        return -torch.logsumexp(_component_log_densities(head, x), dim=1).float()
+
+    def _restrict(self, covs: np.ndarray) -> np.ndarray:
+        """Covariances [K, D, D] made symmetric, diagonal if configured, regularised."""
+        covs = 0.5 * (covs + np.swapaxes(covs, 1, 2))
+        if self.settings.gmm_covariance == "diag":
+            covs = np.stack([np.diag(np.diag(c)) for c in covs])
+        return covs + REG_COVAR * np.eye(self.dim)[None]
+
+
+def _moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray
+                  ) -> tuple[float, np.ndarray, np.ndarray]:
+    """The single Gaussian with the mixture's weight, mean and covariance:
+    weights [G], means [G, D], covs [G, D, D] -> (weight, mean [D], cov [D, D])."""
+    total = weights.sum()
+    mean = weights @ means / total
+    centred = means - mean
+    cov = (np.einsum("g,gde->de", weights, covs)
+           + np.einsum("g,gd,ge->de", weights, centred, centred)) / total
+    return float(total), mean, cov
+
+
+def _component_log_densities(head: Payload, x: torch.Tensor) -> torch.Tensor:
+    """log (w_k N(x | mu_k, Sigma_k)) [N, K] for x [N, D] (float64, Cholesky)."""
+    weights = torch.from_numpy(head.arrays["weights"]).double()
+    means = torch.from_numpy(head.arrays["means"]).double()
+    chol = torch.linalg.cholesky(torch.from_numpy(head.arrays["covariances"]).double())
+    centred = (x[None] - means[:, None]).transpose(1, 2)  # [K, D, N]
+    z = torch.linalg.solve_triangular(chol, centred, upper=False)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)  # [K]
+    dim = x.shape[1]
+    log_norm = -0.5 * (z.pow(2).sum(1) + dim * math.log(2 * math.pi) + log_det[:, None])
+    return (log_norm + torch.log(weights)[:, None]).T
+
+
+def _mixture(weights: np.ndarray, means: np.ndarray, covs: np.ndarray, count: int) -> Payload:
+    return Payload("mixture", {"weights": np.asarray(weights, np.float64),
+                               "means": np.asarray(means, np.float64),
+                               "covariances": np.asarray(covs, np.float64)}, count)

@@ -1,0 +1,96 @@
+"""The typed payloads that cross between sites and server, checked on arrival.
+
+A payload is a kind, named float arrays whose shapes follow the kind's template (``K``
+prototypes or components, ``D`` feature width) and an example count. Only prototypes, mixture
+parameters, cluster / EM statistics, flow weights and scalar score statistics ever cross;
+patch features and images never do: no kind has an array with one row per patch or image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "prototypes": {"prototypes": ("K", "D"), "counts": ("K",)},
+    "cluster-stats": {"sums": ("K", "D"), "counts": ("K",)},
+    "mixture": {"weights": ("K",), "means": ("K", "D"), "covariances": ("K", "D", "D")},
+    "em-stats": {"counts": ("K",), "sums": ("K", "D"), "outer": ("K", "D", "D")},
+    "flow": {},  # keys and shapes come from the global flow's state dict
+}
+"""Array names and shape templates of each payload kind."""
+
+
+class PayloadError(ValueError):
+    """A payload that must not be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one site (or the server) sends: ``arrays`` of ``kind`` from ``count`` examples."""
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+    count: int
+
+    def to_record(self) -> RecordDict:
+        """The message content: arrays, the kind and the example count."""
+        return RecordDict({
+            "head": ArrayRecord({k: Array(np.ascontiguousarray(v))
+                                 for k, v in self.arrays.items()}),
+            "meta": ConfigRecord({"kind": self.kind}),
+            "metrics": MetricRecord({"num-examples": int(self.count)}),
+        })
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Array shapes, for the log of what crossed."""
+        return {k: list(v.shape) for k, v in self.arrays.items()}
+
+    def digest(self) -> str:
+        """Short SHA-256 of the arrays, for the log of what crossed."""
+        digest = hashlib.sha256()
+        for key in sorted(self.arrays):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+        return digest.hexdigest()[:16]
+
+
+def payload_from_record(content: RecordDict, kind: str, sizes: dict[str, int],
+                        reference: dict[str, tuple[int, ...]] | None = None) -> Payload:
+    """Read and check a payload of ``kind`` from message content.
+
+    Args:
+        sizes: the template symbols' values, e.g. ``{"K": 30, "D": 152}``.
+        reference: for ``flow``: the expected array names and shapes.
+    Raises:
+        PayloadError: wrong kind, missing or extra arrays, a wrong shape, non-float or
+            non-finite values, a non-positive example count.
+    """
+    if "head" not in content.array_records or "meta" not in content.config_records:
+        raise PayloadError(f"{kind} payload: no 'head' arrays or 'meta' record")
+    got_kind = content.config_records["meta"].get("kind")
+    if got_kind != kind:
+        raise PayloadError(f"payload kind {got_kind!r}, expected {kind!r}")
+    if reference is None:
+        reference = {name: tuple(sizes[s] for s in template)
+                     for name, template in TEMPLATES[kind].items()}
+    record = content.array_records["head"]
+    if set(record.keys()) != set(reference):
+        raise PayloadError(f"{kind} payload: arrays {sorted(record.keys())[:6]}, expected "
+                           f"{sorted(reference)[:6]}")
+    arrays = {}
+    for name, shape in reference.items():
+        values = record[name].numpy()
+        if tuple(values.shape) != tuple(shape):
+            raise PayloadError(f"{kind} payload: {name} shape {list(values.shape)} != "
+                               f"{list(shape)}")
+        if values.dtype.kind != "f" or not np.isfinite(values).all():
+            raise PayloadError(f"{kind} payload: {name} has non-finite or non-float values")
+        arrays[name] = values
+    count = content.metric_records.get("metrics", {}).get("num-examples", 0)
+    if not isinstance(count, int | float) or not count > 0:
+        raise PayloadError(f"{kind} payload: num-examples={count!r} must be > 0")
+    return Payload(kind, arrays, int(count))

@@ -1,0 +1,39 @@
+"""Feature heads by method name, and the extractor / head a config asks for."""
+
+from __future__ import annotations
+
+import functools
+
+from fedad.config import ExperimentConfig
+from fedad.heads.base import FeatureHead
+from fedad.heads.features import PatchFeatureExtractor, build_extractor
+from fedad.heads.flow import FlowHead
+from fedad.heads.gmm import GaussianMixtureHead
+from fedad.heads.memory_bank import MemoryBankHead
+from fedad.heads.settings import HeadSettings
+
+HEADS: dict[str, type[FeatureHead]] = {
+    "memorybank": MemoryBankHead, "gmm": GaussianMixtureHead, "flow": FlowHead,
+}
+
+
+def head_settings(cfg: ExperimentConfig) -> HeadSettings:
+    """The run's :class:`HeadSettings` (ConfigError naming a bad key)."""
+    return cfg.section(HeadSettings)
+
+
+@functools.lru_cache(maxsize=2)
+def extractor_for(cfg: ExperimentConfig) -> PatchFeatureExtractor:
+    """The run's patch feature extractor (built once per process)."""
+    settings = head_settings(cfg)
+    return build_extractor(settings.feature_source, layers=settings.layers(),
+                           neighbourhood=settings.feature_neighbourhood,
+                           image_size=cfg.image_size, checkpoint=settings.feature_checkpoint,
+                           msvt_backbone=cfg.backbone)
+
+
+def head_for(cfg: ExperimentConfig) -> FeatureHead:
+    """The head of ``cfg.method`` for the extractor's feature width, seeded by ``cfg.seed``."""
+    if cfg.method not in HEADS:
+        raise ValueError(f"method={cfg.method!r} is not a feature head ({', '.join(HEADS)})")
+    return HEADS[cfg.method](head_settings(cfg), extractor_for(cfg).dim, cfg.seed)

@@ -1,0 +1,129 @@
+"""From patch features to anomaly maps, image scores and calibrated [0, 1] predictions.
+
+Patch scores [N, h, w] are upsampled bilinearly to the image size and smoothed with a Gaussian
+(NexViTAD §3.2, PatchCore); the image score is the map's maximum or the mean of its top-k
+pixels. Raw scores are mapped to [0, 1] by a logistic around a threshold estimated from
+normal images the sites hold (mean + 3 std of their scores), so that 0.5 is the decision
+threshold, as :class:`fedad.train.predictions.Predictions` requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from torch.utils.data import DataLoader
+
+from fedad.data import AnomalyDataset, Sample
+from fedad.heads.base import FeatureHead
+from fedad.heads.features import PatchFeatureExtractor
+from fedad.heads.payload import Payload
+from fedad.heads.settings import HeadSettings
+
+THRESHOLD_STDS = 3.0
+
+
+@dataclass
+class PatchSet:
+    """Patch features of a set of images and what evaluation needs besides."""
+
+    features: torch.Tensor  # [N, D, h, w]
+    labels: np.ndarray  # [N]
+    defect_classes: np.ndarray  # [N]
+    masks: np.ndarray  # [N, H, W]
+    images: np.ndarray  # [N, H, W, 3]
+
+    def flat(self, limit: int | None = None, seed: int = 0) -> torch.Tensor:
+        """All patch features as [N * h * w, D], or a seeded subsample of ``limit`` of them."""
+        flat = self.features.permute(0, 2, 3, 1).reshape(-1, self.features.shape[1])
+        if limit is not None and len(flat) > limit:
+            generator = torch.Generator().manual_seed(seed)
+            flat = flat[torch.randperm(len(flat), generator=generator)[:limit]]
+        return flat
+
+
+def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
+                    image_size: int, defect_types: Sequence[str] | None = None,
+                    batch_size: int = 16) -> PatchSet:
+    """Patch features [N, D, h, w] of ``samples`` at ``image_size`` (and labels, masks, images)."""
+    if not samples:
+        raise ValueError("extract_patches: no samples")
+    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
+    parts: dict[str, list] = {k: [] for k in PatchSet.__dataclass_fields__}
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        parts["features"].append(extractor(batch["image"]))
+        parts["labels"].append(batch["label"].numpy())
+        parts["defect_classes"].append(batch["defect_class"].numpy())
+        parts["masks"].append(batch["mask"][:, 0].numpy())
+        parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
+    return PatchSet(torch.cat(parts["features"]),
+                    *(np.concatenate(parts[k]) for k in ("labels", "defect_classes", "masks",
+                                                         "images")))
+
+
+def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, image_size: int,
+                 sigma: float) -> np.ndarray:
+    """Raw anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload``,
+    upsampled bilinearly to ``image_size`` and Gaussian-smoothed with ``sigma`` pixels."""
+    n, d, h, w = features.shape
+    scores = head.patch_scores(payload, features.permute(0, 2, 3, 1).reshape(-1, d))
+    patch_maps = scores.reshape(n, 1, h, w).float()
+    maps = F.interpolate(patch_maps, size=(image_size, image_size), mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+    if sigma > 0:
+        maps = np.stack([gaussian_filter(m, sigma) for m in maps])
+    if not np.isfinite(maps).all():
+        raise FloatingPointError(f"{type(head).__name__}: non-finite anomaly maps")
+    return maps
+
+
+def image_scores(maps: np.ndarray, settings: HeadSettings) -> np.ndarray:
+    """Image scores [N] of maps [N, H, W]: the maximum, or the mean of the top-k fraction."""
+    flat = maps.reshape(len(maps), -1)
+    if settings.image_score == "max":
+        return flat.max(1)
+    k = max(1, round(settings.topk_fraction * flat.shape[1]))
+    return np.sort(flat, axis=1)[:, -k:].mean(1)
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """Logistic calibration of raw image scores and map values: sigmoid((v - threshold) / scale)."""
+
+    image_threshold: float
+    image_scale: float
+    pixel_threshold: float
+    pixel_scale: float
+
+    @classmethod
+    def from_moments(cls, moments: Sequence[dict[str, float]]) -> ScoreScale:
+        """Pool the sites' score moments (``count``, ``image_mean``, ``image_var``,
+        ``pixel_mean``, ``pixel_var``) and put each threshold at mean + 3 std."""
+        counts = np.array([m["count"] for m in moments], np.float64)
+        values = {}
+        for level in ("image", "pixel"):
+            means = np.array([m[f"{level}_mean"] for m in moments])
+            second = np.array([m[f"{level}_var"] for m in moments]) + means**2
+            mean = counts @ means / counts.sum()
+            std = float(np.sqrt(max(counts @ second / counts.sum() - mean**2, 1e-12)))
+            values[f"{level}_threshold"] = float(mean + THRESHOLD_STDS * std)
+            values[f"{level}_scale"] = std
+        return cls(**values)
+
+    def apply(self, maps: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(maps [N, H, W], scores [N]) raw -> calibrated, in (0, 1), 0.5 at the threshold."""
+        def squash(values: np.ndarray, threshold: float, scale: float) -> np.ndarray:
+            return 1 / (1 + np.exp(-np.clip((values - threshold) / scale, -50, 50)))
+        return (squash(maps, self.pixel_threshold, self.pixel_scale).astype(np.float32),
+                squash(scores, self.image_threshold, self.image_scale))
+
+
+def score_moments(maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Moments of raw maps [N, H, W] and image scores [N] of normal images, for calibration."""
+    return {"count": float(len(scores)), "image_mean": float(scores.mean()),
+            "image_var": float(scores.var()), "pixel_mean": float(maps.mean()),
+            "pixel_var": float(maps.var())}

@@ -1,0 +1,71 @@
+"""Run-config settings of the feature heads (``method=memorybank|gmm|flow``).
+
+Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
+upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
+ImageNet backbone with a 3 x 3 neighbourhood and sigma = 4 (PatchCore's defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
+IMAGE_SCORES = ("max", "topk")
+COVARIANCES = ("full", "diag")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
+
+    feature_source: str = "lite0"  # lite0 | any timm name | msvt
+    feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
+    feature_neighbourhood: int = 3
+    feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
+    max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
+    bank_clustering: str = "sinkhorn"
+    num_prototypes: int = 30
+    sinkhorn_epsilon: float = 0.05
+    gmm_components: int = 5
+    gmm_covariance: str = "full"
+    flow_blocks: int = 4
+    flow_hidden: int = 256
+    flow_epochs: int = 10
+    flow_lr: float = 1e-3
+    map_sigma: float = 4.0  # Gaussian smoothing of the upsampled map, pixels
+    image_score: str = "max"
+    topk_fraction: float = 0.01
+    target_category: str = ""  # by-category: evaluate here, fit on the other categories only
+
+    def __post_init__(self) -> None:
+        checks = {
+            "bank-clustering": (self.bank_clustering in CLUSTERINGS, f"one of {CLUSTERINGS}"),
+            "image-score": (self.image_score in IMAGE_SCORES, f"one of {IMAGE_SCORES}"),
+            "gmm-covariance": (self.gmm_covariance in COVARIANCES, f"one of {COVARIANCES}"),
+            "num-prototypes": (self.num_prototypes >= 1, ">= 1"),
+            "gmm-components": (self.gmm_components >= 1, ">= 1"),
+            "max-patches": (self.max_patches >= 1, ">= 1"),
+            "flow-blocks": (self.flow_blocks >= 1, ">= 1"),
+            "flow-hidden": (self.flow_hidden >= 1, ">= 1"),
+            "flow-epochs": (self.flow_epochs >= 1, ">= 1"),
+            "flow-lr": (self.flow_lr > 0, "> 0"),
+            "sinkhorn-epsilon": (self.sinkhorn_epsilon > 0, "> 0"),
+            "map-sigma": (self.map_sigma >= 0, ">= 0"),
+            "topk-fraction": (0 < self.topk_fraction <= 1, "in (0, 1]"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise ValueError(f"{key}={value!r}: must be {expected}")
+        self.layers()
+
+    def layers(self) -> tuple[int, ...]:
+        """feature-layers as integers."""
+        try:
+            layers = tuple(int(x) for x in self.feature_layers.split(",") if x.strip())
+        except ValueError as err:
+            raise ValueError(f"feature-layers={self.feature_layers!r}: expected e.g. '2,3'") \
+                from err
+        if not layers or min(layers) < 0:
+            raise ValueError(f"feature-layers={self.feature_layers!r}: expected e.g. '2,3'")
+        return layers

@@ -1,0 +1,160 @@
+"""Server workflow of the feature heads: fit/refine rounds over Flower messages, checked
+payloads, merge, calibration, global evaluation on the test split, results folder.
+
+Round 1 asks every site for its own head (one-shot federation); rounds 2.. send the global
+head and merge the sites' refinement replies. Every payload is checked (kind, names, shapes,
+finiteness, count) before use; a refused or failed reply is logged and left out. What crossed
+(node, round, kind, shapes, digest, accepted, reason) is written to ``payloads.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedad.config import ConfigError, ExperimentConfig
+from fedad.experiment import prepare_data
+from fedad.federation import wait_for_nodes
+from fedad.heads.base import FeatureHead
+from fedad.heads.payload import Payload, PayloadError, payload_from_record
+from fedad.heads.registry import extractor_for, head_for, head_settings
+from fedad.heads.scoring import (
+    PatchSet,
+    ScoreScale,
+    anomaly_maps,
+    extract_patches,
+    image_scores,
+)
+from fedad.metrics import anomaly_metrics
+from fedad.payloads import check_metrics
+from fedad.results import ResultsWriter
+from fedad.seeding import seed_everything
+from fedad.train.predictions import Predictions
+
+log = logging.getLogger(__name__)
+
+
+class HeadRound:
+    """One round's exchange with the sites, and the log of everything that crossed."""
+
+    def __init__(self, grid: Grid, nodes: list[int], cfg: ExperimentConfig,
+                 head: FeatureHead) -> None:
+        self.grid, self.nodes, self.cfg, self.head = grid, nodes, cfg, head
+        self.crossings: list[dict] = []
+
+    def _send(self, message_type: str, content: RecordDict, server_round: int) -> list[Message]:
+        content["config"] = ConfigRecord({"server-round": server_round})
+        messages = [self.grid.create_message(RecordDict(dict(content.items())), message_type,
+                                             node, str(server_round))
+                    for node in self.nodes]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        return sorted(replies, key=lambda m: m.metadata.src_node_id)
+
+    def collect(self, server_round: int, global_head: Payload | None) -> list[Payload]:
+        """Send ``train`` (with the global head from round 2 on); the accepted payloads."""
+        kind = self.head.fit_kind if global_head is None else self.head.refine_kind
+        content = global_head.to_record() if global_head is not None else RecordDict()
+        accepted = []
+        for reply in self._send("train", content, server_round):
+            row = {"round": server_round, "node": reply.metadata.src_node_id, "kind": kind}
+            if reply.has_error():
+                row.update(accepted=False, reason=f"site error: {reply.error.reason}")
+            elif ("head" not in reply.content.array_records
+                  and reply.content.metric_records.get("metrics", {}).get("num-examples") == 0):
+                row.update(accepted=False, reason="abstained: no normal training images")
+            else:
+                try:
+                    payload = payload_from_record(reply.content, kind, self.head.sizes,
+                                                  self.head.reference_shapes(kind))
+                except PayloadError as err:
+                    row.update(accepted=False, reason=str(err))
+                else:
+                    accepted.append(payload)
+                    row.update(accepted=True, count=payload.count, shapes=payload.shapes(),
+                               digest=payload.digest())
+            if not row["accepted"]:
+                log.warning("round %d: refused node %s: %s", server_round, row["node"],
+                            row["reason"])
+            self.crossings.append(row)
+        return accepted
+
+    def calibrate(self, server_round: int, global_head: Payload) -> ScoreScale:
+        """Send ``evaluate`` with the global head; pool the sites' normal-score moments."""
+        moments = []
+        for reply in self._send("evaluate", global_head.to_record(), server_round):
+            row = {"round": server_round, "node": reply.metadata.src_node_id,
+                   "kind": "score-moments"}
+            record = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            reason = ("site error" if record is None else check_metrics(record)
+                      or (None if record.get("count", 0) > 0 else "no normal images"))
+            row.update(accepted=reason is None, reason=reason or "")
+            if reason is None:
+                moments.append(dict(record))
+            self.crossings.append(row)
+        if not moments:
+            raise RuntimeError(f"round {server_round}: no site reported score moments")
+        return ScoreScale.from_moments(moments)
+
+
+def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: ScoreScale,
+                  cfg: ExperimentConfig) -> tuple[dict[str, float], Predictions]:
+    """Metrics and calibrated predictions of the global head on the test patches."""
+    settings = head_settings(cfg)
+    maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma)
+    calibrated_maps, scores = scale.apply(maps, image_scores(maps, settings))
+    predictions = Predictions(test.labels, test.defect_classes, scores, test.masks,
+                              calibrated_maps, test.images).check()
+    return anomaly_metrics(test.labels, scores, test.masks, calibrated_maps), predictions
+
+
+def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
+    """Run ``cfg.num_server_rounds`` rounds of a feature head; returns the summary."""
+    settings = head_settings(cfg)
+    if settings.bank_clustering == "coreset":
+        raise ConfigError("bank-clustering='coreset' sends patch features (its prototypes are "
+                          "patches): a centralized baseline only (bench/heads.py)")
+    results = ResultsWriter(cfg.resolved_results_dir())
+    seed_everything(cfg.seed)
+    nodes = sorted(wait_for_nodes(grid, cfg.min_train_nodes))
+    data = prepare_data(cfg, len(nodes))
+    results.write_setup(cfg, data.manifest)
+    test_samples = data.samples(-1, "test")
+    if settings.target_category:
+        if settings.target_category not in data.categories:
+            raise ConfigError(f"target-category={settings.target_category!r}: not among the "
+                              f"run's categories {data.categories}")
+        test_samples = [s for s in test_samples if s.category == settings.target_category]
+    started = time.perf_counter()
+    test = extract_patches(extractor_for(cfg), test_samples, cfg.image_size, data.defect_types)
+    log.info("results: %s | sites: %d | test images: %d (features in %.1f s)", results.root,
+             len(nodes), len(test_samples), time.perf_counter() - started)
+    head = head_for(cfg)
+    exchange = HeadRound(grid, nodes, cfg, head)
+    global_head: Payload | None = None
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        payloads = exchange.collect(server_round, global_head)
+        if len(payloads) < min(cfg.min_train_nodes, len(nodes)):
+            log.error("round %d: %d usable replies < min-train-nodes=%d; round skipped",
+                      server_round, len(payloads), cfg.min_train_nodes)
+            continue
+        global_head = (head.merge(payloads) if global_head is None
+                       else head.refine(global_head, payloads))
+        scale = exchange.calibrate(server_round, global_head)
+        metrics, predictions = evaluate_head(head, global_head, test, scale, cfg)
+        state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
+        results.record_round(server_round, {**metrics, "train_sites": float(len(payloads))},
+                             state, {"scale": vars(scale), "kind": global_head.kind})
+        results.write_scores(predictions)
+        if cfg.plot_every_round or server_round == cfg.num_server_rounds:
+            results.plot(server_round, predictions)
+        results.write_jsonl("payloads.jsonl", exchange.crossings)
+        log.info("round %d global: %s", server_round,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if global_head is None:
+        raise RuntimeError("no round produced a global head (see the refused replies above)")
+    return results.write_summary(cfg, len(nodes), {"results_dir": str(results.root),
+                                                   "head": cfg.method})
