@@ -103,7 +103,8 @@ def test_training_without_synthesis_names_the_missing_cache(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_flower_simulation_runs_every_stage(tmp_path) -> None:
+def test_flower_simulation_runs_every_stage(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one torch thread per simulated site
     run_config = {**TINY, "results-dir": str(tmp_path / "run"),
                   "dadda-cache-dir": str(tmp_path / "cache"), "partitioner": "label-wise",
                   "num-server-rounds": 1}
