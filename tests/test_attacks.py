@@ -54,3 +54,33 @@ def test_settings_are_read_from_run_config():
     settings = cfg.section(AttackSettings)
     assert settings.malicious == {2, 4} and settings.factor == -3.0
     assert settings.is_malicious(4) and not settings.is_malicious(0)
+
+
+def test_a_malicious_site_replies_its_flipped_update(tmp_path):
+    import torch
+    from flwr.app import ConfigRecord, RecordDict
+
+    from clients import create_client
+    from fedad.data import generate_dataset
+    from fedad.task import build_model, model_to_arrays
+
+    root = generate_dataset(tmp_path, categories=["washer"], num_train=8, num_test_good=2,
+                            num_test_per_defect=2)
+    honest = ExperimentConfig(data_path=str(root), category="washer", image_size=64,
+                              local_epochs=1, max_train_batches=1, batch_size=4, backbone="none")
+    attacked = honest.replace(extra={"attack": "sign-flip", "attack-scale": 2.0,
+                                     "malicious-partitions": "1"})
+    torch.manual_seed(0)
+    received = model_to_arrays(build_model(honest))
+
+    def sent(cfg, partition):
+        content = RecordDict({"arrays": received, "config": ConfigRecord({"server-round": 1})})
+        return create_client(cfg, partition, 2).train(content)["arrays"]
+
+    trained = sent(honest, 1)  # training is seeded: the same update with or without attack
+    flipped = sent(attacked, 1)
+    for key in received:
+        old = received[key].numpy()
+        np.testing.assert_allclose(flipped[key].numpy(),
+                                   old - 2.0 * (trained[key].numpy() - old), atol=1e-5)
+    assert any(not np.allclose(trained[k].numpy(), received[k].numpy()) for k in received)
