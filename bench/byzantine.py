@@ -5,7 +5,7 @@ FedAvg run is the reference.
 Each run is the real server workflow and site code on an in-process grid (fedad.inprocess: no
 Ray, same messages). Runs are resumable: a run whose folder has summary.json is read, not rerun.
 
-    python bench/byzantine.py --out ~/fedad-bench/byzantine     # the table in BENCHMARKS.md
+    python bench/byzantine.py --out ~/fedad-bench/robustness     # the table in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from fedad.inprocess import run_in_process
 
 ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "aca")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+REFERENCE = "fedavg-no-attack"
+"""The run without attack or DP (FedAvg), shared by this benchmark and bench/dp.py."""
 
 
 def run_variant(base: dict, out: Path, name: str, overrides: dict, num_sites: int) -> dict:
@@ -35,9 +37,10 @@ def run_variant(base: dict, out: Path, name: str, overrides: dict, num_sites: in
 
 
 def run_table(base: dict, out: Path, variants: dict[str, dict], num_sites: int,
-              columns: dict[str, dict] | None = None) -> pd.DataFrame:
+              table: str, columns: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per variant: its final METRICS and seconds (plus ``columns[name]`` if given),
-    with progress lines; also written to ``out/table.csv``."""
+    with progress lines; also written to ``out/<table>.csv``. Runs of the same name in ``out``
+    are shared between tables (the no-attack FedAvg run is also the no-DP reference)."""
     rows, started = [], time.perf_counter()
     for i, (name, overrides) in enumerate(variants.items(), 1):
         summary = run_variant(base, out, name, overrides, num_sites)
@@ -46,10 +49,10 @@ def run_table(base: dict, out: Path, variants: dict[str, dict], num_sites: int,
                      "seconds": round(summary["seconds"])})
         print(f"[{i}/{len(variants)} +{time.perf_counter() - started:.0f}s] {name}: "
               + " ".join(f"{m}={rows[-1][m]:.3f}" for m in METRICS), flush=True)
-    table = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "table.csv", index=False)
-    return table
+    frame.to_csv(out / f"{table}.csv", index=False)
+    return frame
 
 
 def common_settings(args: argparse.Namespace) -> dict:
@@ -64,8 +67,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs")
     parser.add_argument("--category", default="wood")
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -83,10 +86,10 @@ def main() -> None:
     attack = {"attack": args.attack, "attack-scale": args.attack_scale,
               "malicious-partitions": args.malicious,
               "num-malicious-nodes": len(args.malicious.split(","))}  # Krum's f
-    variants = {"fedavg-no-attack": {"strategy": "fedavg"}}
+    variants = {REFERENCE: {"strategy": "fedavg"}}
     variants |= {f"{s}-{args.attack}": {"strategy": s, **attack}
                  for s in args.strategies.split(",")}
-    table = run_table(base, args.out, variants, args.sites)
+    table = run_table(base, args.out, variants, args.sites, "byzantine")
     print(f"\n{args.category}, {args.sites} sites (malicious: {args.malicious}, {args.attack} "
           f"x{args.attack_scale:g}), {args.rounds} rounds x {args.local_epochs} local epochs, "
           f"image size {args.image_size}, seed {args.seed}\n")

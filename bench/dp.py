@@ -1,8 +1,9 @@
 """Differential-privacy benchmark: the utility cost of central DP (Flower's wrappers via
 fedad.privacy) at several noise multipliers, with the (epsilon, delta) each amounts to, next to
-the run without DP. Same small configuration and in-process grid as bench/byzantine.py.
+the run without DP. Same small configuration, runs folder and in-process grid as
+bench/byzantine.py.
 
-    python bench/dp.py --out ~/fedad-bench/dp     # the table in BENCHMARKS.md
+    python bench/dp.py --out ~/fedad-bench/robustness     # the table in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from byzantine import add_common_arguments, common_settings, run_table
+from byzantine import REFERENCE, add_common_arguments, common_settings, run_table
 
 from fedad.privacy import privacy_epsilon
 
@@ -21,21 +22,22 @@ def main() -> None:
     parser.add_argument("--dp", default="server-adaptive",
                         choices=("server-fixed", "server-adaptive", "client-fixed",
                                  "client-adaptive"))
-    parser.add_argument("--noise", default="0.01,0.1,1.0", help="noise multipliers")
+    parser.add_argument("--noise", default="0.1,1.0", help="noise multipliers")
     parser.add_argument("--clipping-norm", type=float, default=1.0,
                         help="the fixed norm, or the initial one of adaptive clipping")
     parser.add_argument("--delta", type=float, default=1e-5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = common_settings(args)
-    variants, columns = {"no-dp": {}}, {"no-dp": {"noise": 0.0, "epsilon": float("inf")}}
+    variants = {REFERENCE: {"strategy": "fedavg"}}  # no DP (also bench/byzantine.py's reference)
+    columns = {REFERENCE: {"noise": 0.0, "epsilon": float("inf")}}
     for z in (float(v) for v in args.noise.split(",")):
         name = f"{args.dp}-z{z:g}"
         variants[name] = {"dp": args.dp, "dp-noise-multiplier": z, "dp-delta": args.delta,
                           "dp-clipping-norm": args.clipping_norm}
         columns[name] = {"noise": z,
                          "epsilon": round(privacy_epsilon(z, args.rounds, args.delta), 1)}
-    table = run_table(base, args.out, variants, args.sites, columns)
+    table = run_table(base, args.out, variants, args.sites, "dp", columns)
     print(f"\n{args.category}, {args.sites} sites, {args.rounds} rounds x {args.local_epochs} "
           f"local epochs, image size {args.image_size}, seed {args.seed}, dp={args.dp} "
           f"(clipping norm {args.clipping_norm:g}), epsilon at delta={args.delta:g}\n")
