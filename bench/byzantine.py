@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from fedad.config import ExperimentConfig
 from fedad.inprocess import run_in_process
@@ -38,9 +39,10 @@ def run_variant(base: dict, out: Path, name: str, overrides: dict, num_sites: in
 
 def run_table(base: dict, out: Path, variants: dict[str, dict], num_sites: int,
               table: str, columns: dict[str, dict] | None = None) -> pd.DataFrame:
-    """One row per variant: its final METRICS and seconds (plus ``columns[name]`` if given),
-    with progress lines; also written to ``out/<table>.csv``. Runs of the same name in ``out``
-    are shared between tables (the no-attack FedAvg run is also the no-DP reference)."""
+    """One row per variant: its final METRICS, seconds and :func:`model_distance` (plus
+    ``columns[name]`` if given), with progress lines; also written to ``out/<table>.csv``.
+    Runs of the same name in ``out`` are shared between tables (the no-attack FedAvg run is
+    also the no-DP reference)."""
     rows, started = [], time.perf_counter()
     for i, (name, overrides) in enumerate(variants.items(), 1):
         summary = run_variant(base, out, name, overrides, num_sites)
@@ -50,9 +52,27 @@ def run_table(base: dict, out: Path, variants: dict[str, dict], num_sites: int,
         print(f"[{i}/{len(variants)} +{time.perf_counter() - started:.0f}s] {name}: "
               + " ".join(f"{m}={rows[-1][m]:.3f}" for m in METRICS), flush=True)
     frame = pd.DataFrame(rows)
+    frame["model_distance"] = [round(model_distance(out, name), 2) for name in frame["run"]]
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / f"{table}.csv", index=False)
     return frame
+
+
+def _final_weights(folder: Path, final: bool = True) -> torch.Tensor:
+    """The global model's float parameters after the last (or the one before) round, flat."""
+    checkpoints = sorted((folder / "checkpoints").glob("round-*.pt"))
+    state = torch.load(checkpoints[-1 if final else -2], map_location="cpu",
+                       weights_only=False)["state_dict"]
+    return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
+
+
+def model_distance(out: Path, name: str) -> float:
+    """||theta_run - theta_ref|| of the final global models, in units of the reference's own
+    last-round step ||theta_ref(T) - theta_ref(T-1)|| (0: the run ends where the clean run
+    does; about 1: one round's progress away)."""
+    reference = _final_weights(out / REFERENCE)
+    step = torch.linalg.norm(reference - _final_weights(out / REFERENCE, final=False))
+    return float(torch.linalg.norm(_final_weights(out / name) - reference) / step)
 
 
 def common_settings(args: argparse.Namespace) -> dict:
