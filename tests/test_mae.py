@@ -1,6 +1,7 @@
 """MAE-DyT: block masking, visible-only encoding, SSIM against scikit-image, thresholds."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from skimage.metrics import structural_similarity
@@ -8,6 +9,7 @@ from skimage.metrics import structural_similarity
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
 from fedad.experiment import prepare_data
+from fedad.inprocess import run_in_process
 from fedad.models import MaskedAutoencoder, create_model
 from fedad.models.dyt import DyT
 from fedad.models.mae import block_mask
@@ -130,3 +132,18 @@ def test_bad_settings_name_the_key():
     cfg = ExperimentConfig(method="mae", image_size=64, extra={"mae-patch-size": 24})
     with pytest.raises(ValueError, match="mae-patch-size=24"):
         MAE_RECIPE.build(cfg)
+
+
+def test_adaptive_aggregation_weighs_mae_sites_by_their_validation_accuracy(tmp_path):
+    root = generate_dataset(tmp_path / "mvtec", categories=["washer"], num_train=12,
+                            num_test_good=2, num_test_per_defect=1)
+    cfg = ExperimentConfig(
+        method="mae", strategy="fedmsvt", data_path=str(root), category="washer",
+        image_size=64, num_server_rounds=1, local_epochs=1, batch_size=4, max_train_batches=1,
+        backbone="none", val_fraction=0.3, plot_every_round=False,
+        results_dir=str(tmp_path / "results"), extra=TINY)
+    final = run_in_process(cfg, 2)["final"]
+    assert 0 <= final["train_val_pixel_accuracy"] <= 1  # ACA's q_i from the MAE's predictions
+    weights = pd.read_csv(tmp_path / "results" / "aggregation_weights.csv")
+    assert len(weights) == 2 and weights["weight"].sum() == pytest.approx(1.0)
+    assert final["train_pixel_threshold"] > 0
