@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--dp", default="server-adaptive",
                         choices=("server-fixed", "server-adaptive", "client-fixed",
                                  "client-adaptive"))
-    parser.add_argument("--noise", default="0.1,1.0", help="noise multipliers")
+    parser.add_argument("--noise", default="1.0", help="noise multipliers, comma-separated")
     parser.add_argument("--clipping-norm", type=float, default=1.0,
                         help="the fixed norm, or the initial one of adaptive clipping")
     parser.add_argument("--delta", type=float, default=1e-5)
