@@ -108,6 +108,9 @@ def test_a_failed_cell_is_recorded_and_the_sweep_goes_on_then_is_retried(tmp_pat
     assert error["log_tail"].endswith("ValueError: boom") and len(error["log_tail"]) == 4000
     runs = collect_runs(tmp_path)
     assert (runs["status"] == "failed").sum() == 1 and (runs["status"] == "done").sum() == 9
+    more = _spec(grid={**spec.to_dict()["grid"], "seed": [0, 1, 2]})  # grown grid
+    assert collect_runs(tmp_path, more.cells())["status"].value_counts().to_dict() == {
+        "done": 9, "failed": 1, "pending": 5}
 
     retry = FakeRunner()
     again = run_sweep(spec, tmp_path, runner=retry, progress=False)

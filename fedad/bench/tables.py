@@ -12,37 +12,45 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedad.bench.spec import CENTRALIZED, NUM_CLIENTS, TableSpec
-from fedad.bench.sweep import CELLS, is_finished
+from fedad.bench.spec import CENTRALIZED, NUM_CLIENTS, Cell, TableSpec
+from fedad.bench.sweep import CELLS, cell_record, is_finished
 
 STD = "±"
 
 
-def collect_runs(out: str | Path, order: list[str] | None = None) -> pd.DataFrame:
-    """One row per cell folder of the sweep ``out``: its kind, swept params, status
-    (``done`` | ``failed`` | ``incomplete``), seconds, error and final metrics.
+def collect_runs(out: str | Path, cells: list[Cell] | None = None) -> pd.DataFrame:
+    """One row per cell of the sweep ``out``: its kind, swept params, status (``done`` |
+    ``failed`` | ``incomplete`` | ``pending``), seconds, error and final metrics.
 
     Args:
-        order: cell names in sweep order (folders not listed come after, sorted by name).
+        cells: the sweep's cells, in order; those without a folder yet are ``pending``
+            (default: the cell folders found, sorted by name).
     """
-    folders = sorted(p for p in (Path(out) / CELLS).glob("*") if (p / "cell.json").is_file())
-    rank = {name: i for i, name in enumerate(order or [])}
-    folders.sort(key=lambda p: (rank.get(p.name, len(rank)), p.name))
-    rows = []
-    for folder in folders:
-        cell = json.loads((folder / "cell.json").read_text())
-        row = {"cell": cell["name"], "kind": cell["kind"], **cell["params"]}
-        if is_finished(folder):
-            summary = json.loads((folder / "summary.json").read_text())
-            row.update(status="done", seconds=summary.get("seconds"), error="")
-            row.update({k: v for k, v in summary.get("final", {}).items() if k != "round"})
-        elif (folder / "error.json").is_file():
-            error = json.loads((folder / "error.json").read_text())
-            row.update(status="failed", seconds=math.nan, error=error["error"])
-        else:
-            row.update(status="incomplete", seconds=math.nan, error="interrupted")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    found = {p.name: p for p in sorted((Path(out) / CELLS).glob("*"))
+             if (p / "cell.json").is_file()}
+    records = {name: json.loads((folder / "cell.json").read_text())
+               for name, folder in found.items()}
+    for cell in cells or []:
+        records.setdefault(cell.name, cell_record(cell))
+    order = [c.name for c in cells or []]
+    names = order + sorted(set(records) - set(order))
+    return pd.DataFrame([_run_row(records[n], Path(out) / CELLS / n) for n in names])
+
+
+def _run_row(cell: dict, folder: Path) -> dict:
+    row = {"cell": cell["name"], "kind": cell["kind"], **cell["params"]}
+    if is_finished(folder):
+        summary = json.loads((folder / "summary.json").read_text())
+        row.update(status="done", seconds=summary.get("seconds"), error="")
+        row.update({k: v for k, v in summary.get("final", {}).items() if k != "round"})
+    elif (folder / "error.json").is_file():
+        error = json.loads((folder / "error.json").read_text())
+        row.update(status="failed", seconds=math.nan, error=error["error"])
+    elif folder.is_dir():
+        row.update(status="incomplete", seconds=math.nan, error="running or interrupted")
+    else:
+        row.update(status="pending", seconds=math.nan, error="not run yet")
+    return row
 
 
 def param_columns(runs: pd.DataFrame) -> list[str]:
