@@ -119,3 +119,13 @@ def test_settings_name_bad_keys() -> None:
         DADDASettings(dadda_synthesis="gan")
     with pytest.raises(ValueError, match="dadda-sample-steps"):
         DADDASettings(dadda_sample_steps=500, dadda_diffusion_steps=100)
+
+
+def test_ema_warm_up_follows_the_weights_early_and_caps_at_the_decay() -> None:
+    from fedad.dadda.diffusion import ema_update
+
+    update = ema_update(0.995)
+    early = update(torch.zeros(1), torch.ones(1), torch.tensor(1))
+    late = update(torch.zeros(1), torch.ones(1), torch.tensor(100000))
+    assert early.item() > 0.5, "a short run's EMA must not stay at the initial weights"
+    assert late.item() == pytest.approx(0.005)
