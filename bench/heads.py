@@ -43,7 +43,7 @@ from fedad.heads.workflow import evaluate_head
 
 log = logging.getLogger("bench.heads")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-COLUMNS = ["category", "head", "setting", *METRICS]
+HEAD_NAMES = ["bank-sinkhorn", "bank-kmeans", "coreset-10%", "gmm", "flow"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +56,11 @@ class Variant:
     federated: bool = True
 
 
-def variants(num_train_patches: int) -> list[Variant]:
-    """The heads compared (defaults; the coreset keeps 10 % of the patches, PatchCore's
-    middle setting, as a centralized baseline only: its bank is made of patch features)."""
-    base = HeadSettings()
-    coreset_size = max(1, num_train_patches // 10)
+def variants(num_train_patches: int, max_patches: int) -> list[Variant]:
+    """The heads compared (defaults but ``max_patches``; the coreset keeps 10 % of the patches,
+    PatchCore's middle setting, as a centralized baseline only: its bank is patch features)."""
+    base = HeadSettings(max_patches=max_patches)
+    coreset_size = max(1, min(num_train_patches, max_patches) // 10)
     return [
         Variant("bank-sinkhorn", "memorybank", base),
         Variant("bank-kmeans", "memorybank", dataclasses.replace(base, bank_clustering="kmeans")),
@@ -132,8 +132,9 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, d
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
         central = [pooled(sites)]
-        for variant in variants(min(HeadSettings().max_patches,
-                                    central[0].flat().shape[0])):
+        for variant in variants(central[0].flat().shape[0], args.max_patches):
+            if variant.name not in args.heads:
+                continue
             settings = [("centralized", central, 1)]
             if variant.federated:
                 settings += [(f"federated {args.sites} sites, 1 round", sites, 1),
@@ -150,18 +151,24 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, d
 
 
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
-    """By-category federation (one site per category): the global bank from the source
-    categories only, and from all categories, scored on each target category's test split."""
-    variant = variants(1)[0]
+    """By-category federation (one site per category): the global bank merged from the source
+    categories' banks only, and from all categories' banks, scored on each target category's
+    test split (calibrated on the contributing sites' normal images)."""
+    variant = variants(1, args.max_patches)[0]
+    head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[1].features
+                                 .shape[1], args.seed)
+    sites = {c: pooled(p[0]) for c, p in patches.items()}
+    local = {c: head.fit_local(site.flat(args.max_patches, seed=args.seed))
+             for c, site in sites.items()}
     rows = []
     for target in patches:
-        sources = [pooled(patches[c][0]) for c in patches if c != target]
-        own = pooled(patches[target][0])
-        for label, sites in (("sources only", sources), ("sources + target site", [*sources, own])):
-            payload = fit(variant, sites, args.seed, 1)
+        sources = [c for c in patches if c != target]
+        for label, members in (("sources only", sources),
+                               ("sources + target site", [*sources, target])):
+            payload = head.merge([local[c] for c in members])
             rows.append({"category": target, "head": variant.name, "setting": label,
-                         **evaluate(variant, payload, sites, patches[target][1],
-                                    args.image_size, args.seed)})
+                         **evaluate(variant, payload, [sites[c] for c in members],
+                                    patches[target][1], args.image_size, args.seed)})
             log.info("%s", rows[-1])
     return pd.DataFrame(rows)
 
@@ -172,7 +179,7 @@ def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     for category, (sites, test) in patches.items():
         for k in (5, 10, 20, 30, 40):
             variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
-                              dataclasses.replace(HeadSettings(), num_prototypes=k))
+                              HeadSettings(num_prototypes=k, max_patches=args.max_patches))
             for label, data in (("centralized", [pooled(sites)]),
                                 (f"federated {args.sites} sites", sites)):
                 payload = fit(variant, data, args.seed, 1)
@@ -192,7 +199,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
                                     image_size=image_size)
         sites, test = category_patches(category, image_size, 1, args.seed, extractor)
-        for variant in variants(min(HeadSettings().max_patches, sites[0].flat().shape[0])):
+        for variant in variants(sites[0].flat().shape[0], args.max_patches):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
@@ -221,8 +228,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", nargs="+", default=HEAD_NAMES)
+    parser.add_argument("--max-patches", type=int, default=HeadSettings().max_patches,
+                        help="patches per site used to fit a head")
     parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--skip-categories", action="store_true")
     parser.add_argument("--skip-ablation", action="store_true")
+    parser.add_argument("--skip-cross-domain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -230,11 +242,14 @@ def main() -> None:
     ensure_synthetic(seed=0)
     if args.latency:
         run_latency(args).to_csv(args.out / "latency.csv", index=False)
+        print(pd.read_csv(args.out / "latency.csv").to_markdown(index=False))
+    if args.skip_categories:
+        return
     extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
                                 image_size=args.image_size)
     table, patches = run_categories(args, extractor)
     table.to_csv(args.out / "heads.csv", index=False)
-    if len(patches) > 1:
+    if len(patches) > 1 and not args.skip_cross_domain:
         run_cross_domain(args, patches).to_csv(args.out / "cross_domain.csv", index=False)
     if not args.skip_ablation:
         run_k_ablation(args, patches).to_csv(args.out / "k_ablation.csv", index=False)

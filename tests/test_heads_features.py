@@ -1,0 +1,57 @@
+"""Patch feature extractors: Lite0, a timm model from a local file, a trained MSVT."""
+
+import pytest
+import timm
+import torch
+
+from fedad.heads.features import build_extractor
+from fedad.models import create_model, trainable_state_dict
+from fedad.models.backbones import BackboneError
+
+
+def test_lite0_patch_features_have_the_finest_chosen_stride():
+    extractor = build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64)
+    features = extractor(torch.rand(2, 3, 64, 64))
+    assert features.shape == (2, 40 + 112, 8, 8) and extractor.dim == 152
+    assert not any(p.requires_grad for p in extractor.parameters())
+
+
+def test_neighbourhood_aggregation_smooths_features():
+    images = torch.rand(1, 3, 64, 64)
+    plain = build_extractor("lite0", layers=(2,), neighbourhood=1, image_size=64)(images)
+    local = build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64)(images)
+    assert local.shape == plain.shape and local.var() < plain.var()
+    with pytest.raises(ValueError, match="feature-neighbourhood"):
+        build_extractor("lite0", layers=(2,), neighbourhood=2, image_size=64)
+
+
+def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False)
+    torch.save(model.state_dict(), tmp_path / "resnet18.pt")
+    extractor = build_extractor("resnet18", layers=(2, 3), neighbourhood=3, image_size=64,
+                                checkpoint=str(tmp_path / "resnet18.pt"))
+    assert extractor(torch.rand(1, 3, 64, 64)).shape == (1, 128 + 256, 8, 8)
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(BackboneError, match=r"bad\.pt"):
+        build_extractor("resnet18", layers=(2,), neighbourhood=3, image_size=64,
+                        checkpoint=str(tmp_path / "bad.pt"))
+
+
+def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    msvt = create_model("msvt", image_size=64, backbone="none")
+    path = tmp_path / "round-001.pt"
+    torch.save({"round": 1, "state_dict": trainable_state_dict(msvt)}, path)
+    extractor = build_extractor("msvt", layers=(0, 1), neighbourhood=3, image_size=64,
+                                checkpoint=str(path), msvt_backbone="none")
+    images = torch.rand(2, 3, 64, 64)
+    features = extractor(images)
+    assert features.shape == (2, 96 + 128, 8, 8)
+    torch.manual_seed(1)  # a differently initialised MSVT gives different features
+    other = create_model("msvt", image_size=64, backbone="none")
+    torch.save(trainable_state_dict(other), tmp_path / "other.pt")
+    again = build_extractor("msvt", layers=(0, 1), neighbourhood=3, image_size=64,
+                            checkpoint=str(tmp_path / "other.pt"), msvt_backbone="none")
+    assert not torch.allclose(features, again(images))
+    with pytest.raises(BackboneError, match="feature-checkpoint"):
+        build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64, checkpoint="")

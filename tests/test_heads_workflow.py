@@ -1,0 +1,108 @@
+"""The feature-head server workflow with in-process sites: rounds, results folder, what
+crossed, refused payloads, the cross-domain (by-category) setting."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import Array, Message
+
+from fedad.config import ExperimentConfig
+from fedad.data import generate_dataset
+from fedad.inprocess import FIRST_NODE_ID, InProcessGrid, run_in_process
+from fedad.metrics import METRIC_NAMES
+
+SMALL = {"image-size": 64, "num-prototypes": 8, "gmm-components": 2, "gmm-covariance": "diag",
+         "flow-blocks": 2, "flow-hidden": 32, "flow-epochs": 1, "max-patches": 2000,
+         "plot-every-round": False}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("mvtec"), categories=["washer", "brick"],
+                            num_train=10, num_test_good=3, num_test_per_defect=2)
+
+
+def config(dataset, results, **overrides):
+    values = {**SMALL, "data-path": str(dataset), "category": "washer",
+              "results-dir": str(results), "num-server-rounds": 2, **overrides}
+    return ExperimentConfig.from_run_config(values)
+
+
+def crossings(results):
+    return [json.loads(line) for line in (results / "payloads.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, kinds", [("memorybank", ("prototypes", "cluster-stats")),
+                                           ("gmm", ("mixture", "em-stats")),
+                                           ("flow", ("flow", "flow"))])
+def test_two_rounds_write_the_results_folder_and_only_statistics_cross(dataset, tmp_path,
+                                                                       method, kinds):
+    results = tmp_path / "results"
+    summary = run_in_process(config(dataset, results, method=method), 2)
+    assert summary["method"] == method and summary["rounds"] == 2 and summary["num_clients"] == 2
+    for name in ("config.yaml", "partitions.csv", "rounds.csv", "summary.json", "scores.npz",
+                 "checkpoints/round-001.pt", "checkpoints/round-002.pt",
+                 "plots/anomaly_maps.png"):
+        assert (results / name).is_file(), name
+    rounds = pd.read_csv(results / "rounds.csv")
+    assert rounds["round"].tolist() == [1, 2]
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert metric in METRIC_NAMES and rounds[metric].between(0, 1).all()
+    rows = crossings(results)
+    assert all(r["accepted"] for r in rows)
+    train_rows = [r for r in rows if r["kind"] != "score-moments"]
+    assert [r["kind"] for r in train_rows] == [kinds[0]] * 2 + [kinds[1]] * 2
+    num_patches = min(r["count"] for r in train_rows)
+    for row in train_rows:  # no array has a row per patch: features never cross
+        assert all(num_patches not in shape for shape in row["shapes"].values()), row
+
+
+class CorruptingGrid(InProcessGrid):
+    """In-process sites, one of which sends NaN prototypes and one a misshaped bank."""
+
+    def _answer(self, msg: Message) -> Message:
+        reply = super()._answer(msg)
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "train" and node != FIRST_NODE_ID:
+            head = reply.content.array_records["head"]
+            values = head["prototypes"].numpy().copy()
+            if node == FIRST_NODE_ID + 1:
+                values[0, 0] = np.nan
+            else:
+                values = values[:, :-1]
+            head["prototypes"] = Array(values)
+        return reply
+
+
+def test_refused_payloads_are_logged_and_left_out(dataset, tmp_path):
+    results = tmp_path / "results"
+    cfg = config(dataset, results, method="memorybank", **{"num-server-rounds": 1,
+                                                           "min-train-nodes": 1})
+    from fedad.heads.workflow import run_feature_head
+
+    summary = run_feature_head(CorruptingGrid(cfg, 3), cfg)
+    rows = [r for r in crossings(results) if r["kind"] == "prototypes"]
+    by_node = {r["node"]: r for r in rows}
+    assert by_node[FIRST_NODE_ID]["accepted"]
+    assert not by_node[FIRST_NODE_ID + 1]["accepted"]
+    assert "non-finite" in by_node[FIRST_NODE_ID + 1]["reason"]
+    assert not by_node[FIRST_NODE_ID + 2]["accepted"]
+    assert "shape" in by_node[FIRST_NODE_ID + 2]["reason"]
+    assert summary["final"]["train_sites"] == 1
+
+
+def test_cross_domain_bank_from_source_categories_is_scored_on_the_target(dataset, tmp_path):
+    results = tmp_path / "results"
+    cfg = config(dataset, results, method="memorybank", category="washer,brick",
+                 partitioner="by-category", **{"num-server-rounds": 1, "min-train-nodes": 1,
+                                               "target-category": "washer"})
+    summary = run_in_process(cfg, 2)
+    rows = [r for r in crossings(results) if r["kind"] == "prototypes"]
+    assert sorted(r["accepted"] for r in rows) == [False, True]  # the washer site abstains
+    assert any("abstained" in r.get("reason", "") for r in rows)
+    manifest = pd.read_csv(results / "partitions.csv")
+    test_washer = ((manifest["partition"] == -1) & (manifest["category"] == "washer")).sum()
+    assert len(np.load(results / "scores.npz")["labels"]) == test_washer
+    assert 0 <= summary["final"]["image_auroc"] <= 1
