@@ -19,7 +19,7 @@ from fedad.privacy import privacy_epsilon
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--dp", default="server-adaptive",
+    parser.add_argument("--dp", default="server-fixed",
                         choices=("server-fixed", "server-adaptive", "client-fixed",
                                  "client-adaptive"))
     parser.add_argument("--noise", default="1.0", help="noise multipliers, comma-separated")
