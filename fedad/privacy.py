@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedad.config import ExperimentConfig
+from fedad.config import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,14 @@ def wrap_with_privacy(strategy: Strategy, cfg: ExperimentConfig) -> Strategy:
     else:
         wrapper = (ClientSideAdaptiveClipping if settings.clips_on_client
                    else ServerSideAdaptiveClipping)
-        wrapped = wrapper(strategy, noise_multiplier=noise, num_sampled_clients=sampled,
-                          initial_clipping_norm=settings.dp_clipping_norm,
-                          target_clipped_quantile=settings.dp_target_quantile,
-                          clip_norm_lr=settings.dp_clip_norm_lr)
+        try:
+            wrapped = wrapper(strategy, noise_multiplier=noise, num_sampled_clients=sampled,
+                              initial_clipping_norm=settings.dp_clipping_norm,
+                              target_clipped_quantile=settings.dp_target_quantile,
+                              clip_norm_lr=settings.dp_clip_norm_lr)
+        except ValueError as err:  # Flower: count noise m/20 must exceed noise-multiplier / 2
+            raise ConfigError(f"dp={settings.dp} dp-noise-multiplier={noise} with {sampled} "
+                              f"sampled clients: {err}") from err
     wrapped.inner = strategy  # strategy_chain (checkpoint state, ACA weights) walks `.inner`
     epsilon = privacy_epsilon(noise, cfg.num_server_rounds, settings.dp_delta)
     log.info("privacy: dp=%s noise-multiplier=%g clipping-norm=%g (%s) over %d sampled "

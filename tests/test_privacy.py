@@ -172,3 +172,8 @@ def test_registry_wraps_every_strategy_when_dp_is_on():
         chain = [type(s).__name__ for s in strategy_chain(build_strategy(cfg))]
         assert chain[:2] == ["GuardedStrategy", "DifferentialPrivacyServerSideFixedClipping"]
         assert len(chain) >= 3  # the wrapped strategy stays reachable (checkpoints, ACA log)
+
+
+def test_adaptive_clipping_with_too_few_clients_for_the_noise_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"dp-noise-multiplier=1\.0 with 2 sampled clients"):
+        _wrapped(**{"dp": "server-adaptive", "dp-noise-multiplier": 1.0})
