@@ -80,5 +80,5 @@ def test_resume_run_config_repeats_the_saved_config(tmp_path):
     text = resume_run_config(str(tmp_path))
     assert "strategy='aca'" in text and "num-server-rounds=5" in text
     assert f"resume-from='{tmp_path.resolve()}'" in text
-    with pytest.raises(ValueError, match="config.yaml not found"):
+    with pytest.raises(ValueError, match=r"config\.yaml not found"):
         resume_run_config(str(tmp_path / "missing"))
