@@ -30,6 +30,7 @@ from fedad.data import Sample
 from fedad.models import MAEOutput, create_model
 from fedad.models.dyt import NORM_LAYERS
 from fedad.task import ExtraLoss, ModelRecipe
+from fedad.train.loop import train_epochs
 from fedad.train.predictions import Predictions
 from fedad.train.ssim import ssim
 from fedad.train.supervised import make_loader
@@ -149,32 +150,17 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
     model.train()
-    totals: dict[str, float] = {}
-    steps = 0
-    for _ in range(cfg.local_epochs):
-        totals, steps = {}, 0
-        for batch in loader:
-            images = batch["image"]
-            output = model(images, generator=generator)
-            losses = reconstruction_loss(output, images, ssim_weight)
-            if extra_loss is not None:
-                losses["extra_loss"] = extra_loss(output, torch.zeros(len(images)))
-                losses["loss"] = losses["loss"] + losses["extra_loss"]
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"mae: non-finite loss {losses['loss'].item()}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            steps += 1
-            if cfg.max_train_batches and steps >= cfg.max_train_batches:
-                break
+
+    def step(batch: dict[str, torch.Tensor]):
+        images = batch["image"]
+        output = model(images, generator=generator)
+        return output, torch.zeros(len(images)), reconstruction_loss(output, images, ssim_weight)
+
+    result = train_epochs(step, loader, optimizer, params, epochs=cfg.local_epochs,
+                          max_batches=cfg.max_train_batches, extra_loss=extra_loss, name="mae")
     if not holdout:
         log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
     calibrate_thresholds(model, holdout or train, cfg.image_size, s.mae_threshold_quantile)
-    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
     result.update({
         "num-examples": len(train), "train_seconds": time.perf_counter() - start,
         "pixel_threshold": float(model.pixel_threshold), "pretraining": float(pretraining),

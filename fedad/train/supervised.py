@@ -21,6 +21,7 @@ from fedad.config import ExperimentConfig
 from fedad.data import AnomalyDataset, Sample
 from fedad.models import MSVTOutput, create_model
 from fedad.task import ModelRecipe
+from fedad.train.loop import train_epochs
 from fedad.train.losses import focal_loss, soft_dice_loss
 from fedad.train.predictions import Predictions
 from fedad.train.synthetic_anomalies import AnomalySynthesizer
@@ -93,29 +94,14 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     model.train()
-    totals: dict[str, float] = {}
-    for _ in range(epochs):
-        totals = {}
-        steps = 0
-        for batch in loader:
-            images, masks, labels = _with_synthetic_anomalies(batch, synthesizer)
-            output = model(images)
-            losses = segmentation_loss(output, masks, labels)
-            if extra_loss is not None:
-                losses["extra_loss"] = extra_loss(output, labels)
-                losses["loss"] = losses["loss"] + losses["extra_loss"]
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"train_local: non-finite loss {losses['loss'].item()}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            steps += 1
-            if max_batches and steps >= max_batches:
-                break
-    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+
+    def step(batch: dict[str, torch.Tensor]):
+        images, masks, labels = _with_synthetic_anomalies(batch, synthesizer)
+        output = model(images)
+        return output, labels, segmentation_loss(output, masks, labels)
+
+    result = train_epochs(step, loader, optimizer, params, epochs=epochs,
+                          max_batches=max_batches, extra_loss=extra_loss, name="train_local")
     result["num-examples"] = len(samples)
     result["train_seconds"] = time.perf_counter() - start
     return result
