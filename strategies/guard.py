@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedad.payloads import arrays_digest, check_arrays, check_metrics
+from strategies.optimizer_state import load_optimizer_state, optimizer_state
 from strategies.statistics import strategy_chain
 
 log = logging.getLogger(__name__)
@@ -98,15 +99,26 @@ class GuardedStrategy(Strategy):
         return self.last_evaluate_metrics
 
     def state_dict(self) -> dict:
-        """State of the wrapped strategies that keep any (by class name), for checkpoints."""
-        return {type(part).__name__: part.state_dict() for part in strategy_chain(self.inner)
-                if hasattr(part, "state_dict")}
+        """State of the wrapped strategies that keep any (by class name), for checkpoints:
+        fedad's own (``state_dict``) and Flower's server-optimizer buffers and DP clipping
+        norm (:mod:`strategies.optimizer_state`)."""
+        state = {}
+        for part in strategy_chain(self.inner):
+            own = part.state_dict() if hasattr(part, "state_dict") else optimizer_state(part)
+            if own:
+                state[type(part).__name__] = own
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output into the same chain of strategies."""
         for part in strategy_chain(self.inner):
-            if type(part).__name__ in state:
-                part.load_state_dict(state[type(part).__name__])
+            own = state.get(type(part).__name__)
+            if own is None:
+                continue
+            if hasattr(part, "load_state_dict"):
+                part.load_state_dict(own)
+            else:
+                load_optimizer_state(part, own)
 
     @property
     def client_weights(self) -> list[dict]:

@@ -22,6 +22,7 @@ from scipy.stats import norm
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.privacy import DPSettings, client_clipping_mod, privacy_epsilon, wrap_with_privacy
+from strategies import build_strategy
 
 SIZE = 20_000
 
@@ -164,7 +165,6 @@ def test_bad_dp_settings_name_the_key(key, value):
 
 
 def test_registry_wraps_every_strategy_when_dp_is_on():
-    from strategies import build_strategy
     from strategies.statistics import strategy_chain
 
     for name in ("fedavg", "krum", "aca"):
@@ -177,3 +177,16 @@ def test_registry_wraps_every_strategy_when_dp_is_on():
 def test_adaptive_clipping_with_too_few_clients_for_the_noise_is_a_config_error():
     with pytest.raises(ConfigError, match=r"dp-noise-multiplier=1\.0 with 2 sampled clients"):
         _wrapped(**{"dp": "server-adaptive", "dp-noise-multiplier": 1.0})
+
+
+def test_adapted_clipping_norm_is_checkpointed_and_restored():
+    keys = {"dp": "server-adaptive", "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1.0}
+    cfg = ExperimentConfig(min_train_nodes=2, num_server_rounds=3, extra=keys)
+    running = build_strategy(cfg)
+    dp_wrapper = running.inner
+    dp_wrapper._geometric_update(clipped_fraction=1.0)
+    state = running.state_dict()
+    assert state[type(dp_wrapper).__name__]["clipping_norm"] == pytest.approx(math.exp(0.1))
+    restored = build_strategy(cfg)
+    restored.load_state_dict(state)
+    assert restored.inner.clipping_norm == pytest.approx(math.exp(0.1))
