@@ -5,7 +5,11 @@ FedAvg run is the reference.
 Each run is the real server workflow and site code on an in-process grid (fedad.inprocess: no
 Ray, same messages). Runs are resumable: a run whose folder has summary.json is read, not rerun.
 
-    python bench/byzantine.py --out ~/fedad-bench/robustness     # the table in BENCHMARKS.md
+    python bench/byzantine.py --out ~/fedad-bench/robustness --rounds 3 --local-epochs 10 \
+        --seeds 0,1,2                                      # the table in BENCHMARKS.md
+
+Each seed's runs go to OUT/seed-<seed>/ (bench/dp.py uses the same folders, sharing the
+no-attack reference); with several seeds the mean ± std table is written to OUT/<table>.csv.
 """
 
 from __future__ import annotations
@@ -76,10 +80,34 @@ def model_distance(out: Path, name: str) -> float:
 
 
 def common_settings(args: argparse.Namespace) -> dict:
-    """The small configuration both benchmarks share (see --help)."""
+    """The small configuration both benchmarks share (see --help), without the seed."""
     return {"category": args.category, "num-server-rounds": args.rounds,
             "local-epochs": args.local_epochs, "image-size": args.image_size,
-            "min-train-nodes": args.sites, "seed": args.seed, "plot-every-round": False}
+            "min-train-nodes": args.sites, "plot-every-round": False}
+
+
+def run_seeds(base: dict, args: argparse.Namespace, variants: dict[str, dict], table: str,
+              columns: dict[str, dict] | None = None) -> pd.DataFrame:
+    """:func:`run_table` for every seed of ``--seeds`` (folders OUT/seed-<seed>), then the
+    mean ± std over seeds of every numeric column per run (OUT/<table>.csv)."""
+    frames = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        frame = run_table({**base, "seed": seed}, args.out / f"seed-{seed}", variants,
+                          args.sites, table, columns)
+        frames.append(frame.assign(seed=seed))
+    runs = pd.concat(frames)
+    numeric = [c for c in runs.columns if c not in ("run", "seed")]
+    grouped = runs.groupby("run", sort=False)[numeric]
+    mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
+    summary = mean.round(3).astype(object)
+    for column in (*METRICS, "model_distance"):
+        summary[column] = [f"{m:.3f} ± {s:.3f}" if column in METRICS else f"{m:.2f} ± {s:.2f}"
+                           for m, s in zip(mean[column], std[column], strict=True)]
+    summary["seconds"] = mean["seconds"].round().astype(int)
+    summary = summary.reset_index()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(args.out / f"{table}.csv", index=False)
+    return summary
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +118,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
 
 
 def main() -> None:
@@ -109,10 +137,10 @@ def main() -> None:
     variants = {REFERENCE: {"strategy": "fedavg"}}
     variants |= {f"{s}-{args.attack}": {"strategy": s, **attack}
                  for s in args.strategies.split(",")}
-    table = run_table(base, args.out, variants, args.sites, "byzantine")
+    table = run_seeds(base, args, variants, "byzantine")
     print(f"\n{args.category}, {args.sites} sites (malicious: {args.malicious}, {args.attack} "
           f"x{args.attack_scale:g}), {args.rounds} rounds x {args.local_epochs} local epochs, "
-          f"image size {args.image_size}, seed {args.seed}\n")
+          f"image size {args.image_size}, seeds {args.seeds}\n")
     print(table.to_markdown(index=False))
 
 

@@ -3,7 +3,8 @@ fedad.privacy) at several noise multipliers, with the (epsilon, delta) each amou
 the run without DP. Same small configuration, runs folder and in-process grid as
 bench/byzantine.py.
 
-    python bench/dp.py --out ~/fedad-bench/robustness     # the table in BENCHMARKS.md
+    python bench/dp.py --out ~/fedad-bench/robustness --rounds 3 --local-epochs 10 \
+        --noise 0,0.1,0.3,1 --seeds 0,1,2                  # the table in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from byzantine import REFERENCE, add_common_arguments, common_settings, run_table
+from byzantine import REFERENCE, add_common_arguments, common_settings, run_seeds
 
 from fedad.privacy import privacy_epsilon
 
@@ -37,9 +38,9 @@ def main() -> None:
                           "dp-clipping-norm": args.clipping_norm}
         columns[name] = {"noise": z,
                          "epsilon": round(privacy_epsilon(z, args.rounds, args.delta), 1)}
-    table = run_table(base, args.out, variants, args.sites, "dp", columns)
+    table = run_seeds(base, args, variants, "dp", columns)
     print(f"\n{args.category}, {args.sites} sites, {args.rounds} rounds x {args.local_epochs} "
-          f"local epochs, image size {args.image_size}, seed {args.seed}, dp={args.dp} "
+          f"local epochs, image size {args.image_size}, seeds {args.seeds}, dp={args.dp} "
           f"(clipping norm {args.clipping_norm:g}), epsilon at delta={args.delta:g}\n")
     print(table.to_markdown(index=False))
 
