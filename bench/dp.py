@@ -33,7 +33,7 @@ def main() -> None:
     variants = {REFERENCE: {"strategy": "fedavg"}}  # no DP (also bench/byzantine.py's reference)
     columns = {REFERENCE: {"noise": 0.0, "epsilon": float("inf")}}
     for z in (float(v) for v in args.noise.split(",")):
-        name = f"{args.dp}-z{z:g}"
+        name = f"{args.dp}-c{args.clipping_norm:g}-z{z:g}"
         variants[name] = {"dp": args.dp, "dp-noise-multiplier": z, "dp-delta": args.delta,
                           "dp-clipping-norm": args.clipping_norm}
         columns[name] = {"noise": z,
