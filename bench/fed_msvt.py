@@ -5,7 +5,7 @@ Each run is the real server workflow and site code on an in-process grid (fedad.
 Ray, same messages). Runs are resumable: a run whose results folder has summary.json is read,
 not rerun. Also times each strategy's aggregate_train on the same MSVT-sized replies.
 
-    python bench/fed_msvt.py --out ~/fedad-bench/fed-msvt            # the table in BENCHMARKS.md
+    python bench/fed_msvt.py --out ~/fedad-bench/fed-msvt-wood64     # the table in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs")
-    parser.add_argument("--category", default="hex_nut")
+    parser.add_argument("--category", default="wood")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-epochs", type=int, default=10)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--partitioners", default=",".join(PARTITIONERS))
     parser.add_argument("--timing-repeats", type=int, default=15)
