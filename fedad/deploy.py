@@ -60,11 +60,15 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVE)
 
 
-def _write_private_pem(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+def _write_certificate(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
+                       files: CertificateFiles) -> CertificateFiles:
+    """The certificate as PEM and its private key as unencrypted PKCS#8 PEM (mode 600)."""
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    files.key.chmod(0o600)
+    return files
 
 
 def _name(common_name: str) -> x509.Name:
@@ -100,10 +104,7 @@ def create_ca(out_dir: str | Path, *, days: int = 365) -> CertificateFiles:
                        critical=False)
         .sign(key, hashes.SHA256())
     )
-    files = CertificateFiles(out / "ca.crt", out / "ca.key")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private_pem(key, files.key)
-    return files
+    return _write_certificate(cert, key, CertificateFiles(out / "ca.crt", out / "ca.key"))
 
 
 def subject_alternative_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -148,10 +149,7 @@ def create_server_certificate(ca: CertificateFiles, out_dir: str | Path, hosts: 
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    files = CertificateFiles(out / "server.pem", out / "server.key")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private_pem(key, files.key)
-    return files
+    return _write_certificate(cert, key, CertificateFiles(out / "server.pem", out / "server.key"))
 
 
 def create_node_key(out_dir: str | Path, name: str) -> NodeKey:

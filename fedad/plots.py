@@ -15,6 +15,17 @@ from matplotlib.ticker import MaxNLocator
 from fedad.metrics import METRIC_NAMES
 
 
+def save_figure(fig, path: Path, title: str | None = None) -> Path:
+    """Optional suptitle, tight layout, write ``path`` as PNG (110 dpi, folders made), close."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_metrics_per_round(rounds: pd.DataFrame, path: Path) -> None:
     """Every metric of ``rounds`` (one row per round, column ``round``) against the round."""
     columns = [c for c in METRIC_NAMES if c in rounds and rounds[c].notna().any()]
@@ -28,9 +39,7 @@ def plot_metrics_per_round(rounds: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Global model on the test split")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_anomaly_grid(
@@ -55,10 +64,7 @@ def plot_anomaly_grid(
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def pick_grid_indices(labels: np.ndarray, n: int = 8) -> np.ndarray:
@@ -88,6 +94,4 @@ def plot_client_weights(weights: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Adaptive Client Aggregation: weight per client")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

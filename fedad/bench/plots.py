@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from fedad.bench.spec import CENTRALIZED
 from fedad.bench.sweep import CELLS
 from fedad.bench.tables import param_columns
+from fedad.plots import save_figure
 
 PANEL_KEY = "partitioner"
 
@@ -197,8 +198,7 @@ def _lowest_seed(cells: pd.DataFrame) -> str:
 
 def _save(fig, path: Path, drawn: bool) -> bool:
     if drawn:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+        save_figure(fig, path)
+    else:
+        plt.close(fig)
     return drawn

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedad.dadda.synthesis import DefectPairs
+from fedad.plots import save_figure
 
 
 def plot_synthesized(pairs: DefectPairs, defect_types: Sequence[str], path: str | Path,
@@ -39,9 +40,4 @@ def plot_synthesized(pairs: DefectPairs, defect_types: Sequence[str], path: str 
     for row, label in enumerate(("image", "mask", "overlay")):
         axes[row, 0].text(-0.1, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
                           va="center", ha="right", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedad.dam.augment import DAMSample, DefectAugmenter
 from fedad.dam.settings import DAMSettings
+from fedad.plots import save_figure
 
 COLUMNS = ("normal", "defect source (mask)", "new mask", "result (new mask)")
 
@@ -48,12 +49,7 @@ def plot_dam_samples(
         row[3].set_xlabel(f"p={sample.fraction:.2f}, {sample.tries} tries, {verdict}", fontsize=7)
     for ax, name in zip(axes[0], COLUMNS, strict=True):
         ax.set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_dam_examples(
