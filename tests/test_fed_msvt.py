@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.train.contrastive import alignment_loss, info_nce, normal_prototype
@@ -16,11 +15,7 @@ from strategies.aca import AdaptiveClientAggregation, combine_weights
 from strategies.cfa import ContrastiveAlignment
 from strategies.statistics import strategy_chain
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class _Grid:

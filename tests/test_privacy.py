@@ -16,7 +16,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from scipy.optimize import brentq
 from scipy.stats import norm
 
@@ -27,10 +26,7 @@ from strategies import build_strategy
 SIZE = 20_000
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class _Grid:

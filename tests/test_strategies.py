@@ -3,16 +3,11 @@
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedad.config import ConfigError, ExperimentConfig
 from strategies import build_strategy, list_strategies
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(node: int, arrays: list[np.ndarray], metrics: dict) -> Message:

@@ -1,0 +1,12 @@
+"""Shared fixtures."""
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture
+def task_identity():
+    """Flower Messages built outside a running app need a task identity; tests that build
+    replies by hand (strategies, DP wrappers) use a fixed one."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
