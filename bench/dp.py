@@ -38,7 +38,7 @@ def main() -> None:
                           "dp-clipping-norm": args.clipping_norm}
         columns[name] = {"noise": z,
                          "epsilon": round(privacy_epsilon(z, args.rounds, args.delta), 1)}
-    table = run_seeds(base, args, variants, "dp", columns)
+    table = run_seeds(base, args, variants, f"dp-c{args.clipping_norm:g}", columns)
     print(f"\n{args.category}, {args.sites} sites, {args.rounds} rounds x {args.local_epochs} "
           f"local epochs, image size {args.image_size}, seeds {args.seeds}, dp={args.dp} "
           f"(clipping norm {args.clipping_norm:g}), epsilon at delta={args.delta:g}\n")
