@@ -55,6 +55,13 @@ class DADDASite(ModelClient):
         path = synthetic_cache_path(self.cfg, samples)
         return path.with_name(f"{path.stem}-dam.npz")
 
+    def query_dadda_cached(self, content: RecordDict) -> RecordDict:
+        """Whether this site already holds synthetic pairs for this run's synthesis settings
+        (:func:`synthetic_cache_path`): metric ``cached`` 1 or 0. Nothing else crosses."""
+        samples = self.data.samples(self.partition_id, "train")
+        cached = synthetic_cache_path(self.cfg, samples).is_file()
+        return RecordDict({"metrics": MetricRecord({"cached": int(cached)})})
+
     def query_dadda_upload(self, content: RecordDict) -> RecordDict:
         """Stage 1: DAM (cached), then the site's eq. (3) payload at ``dadda-diffusion-size``
         with the DAM masks appended (their class index counts "good" as 0, as the payload's);

@@ -92,6 +92,23 @@ def test_dam_only_skips_the_generators(tmp_path) -> None:
     assert pd.read_csv(tmp_path / "run" / "table_ii.csv")["Synthesis"].tolist() == ["dam-only"]
 
 
+def test_runs_that_differ_only_in_the_detector_reuse_the_synthetic_pairs(tmp_path) -> None:
+    def stages(name: str, **overrides) -> set[str]:
+        cfg = _config(tmp_path, partitioner="iid", **{
+            "dadda-synthesis": "dam-only", "num-server-rounds": 1,
+            "results-dir": str(tmp_path / name), **overrides})
+        run_dadda(InProcessGrid(cfg, 2), cfg)
+        return set(pd.read_csv(tmp_path / name / "stages.csv")["stage"])
+
+    assert stages("first") == {"stage1_dam", "stage3_synthesis", "stage4_federated"}
+    # B, E and rounds are the federated stage's: stages 1-3 are not run again
+    assert stages("other-b-e", **{"batch-size": 2, "local-epochs": 2, "num-server-rounds": 2}) \
+        == {"stages1_3_reused", "stage4_federated"}
+    # a synthesis setting changes the pairs; dadda-reuse-cache=false forces a new synthesis
+    assert "stage1_dam" in stages("other-dam", **{"dam-quality-tries": 1})
+    assert "stage1_dam" in stages("forced", **{"dadda-reuse-cache": False})
+
+
 def test_training_without_synthesis_names_the_missing_cache(tmp_path) -> None:
     from fedad.dadda.detector import DADDA_RECIPE
     from fedad.experiment import prepare_data

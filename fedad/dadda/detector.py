@@ -91,14 +91,29 @@ def build_detector(cfg: ExperimentConfig) -> DADDADetector:
                          settings.dadda_localizer_channels)
 
 
+CACHE_VERSION = 2
+"""Bumped when the synthetic pairs a site caches change meaning."""
+SYNTHESIS_KEYS = frozenset({"data-path", "category", "seed", "partitioner", "dirichlet-alpha",
+                            "image-size", "use-real-defects", "val-fraction"})
+"""Core run-config keys that stages 1-3 depend on (besides the dam-* and dadda-* keys)."""
+DETECTOR_KEYS = frozenset({"dadda-classifier", "dadda-localizer-channels", "dadda-cache-dir",
+                           "dadda-reuse-cache"})
+"""dadda-* keys of the detector and of the cache itself, not of the synthesis."""
+
+
 def synthetic_cache_path(cfg: ExperimentConfig, samples: Sequence[Sample]) -> Path:
     """Where a site keeps its synthetic pairs between messages (each deployment message starts
     a fresh ClientApp process): ``dadda-cache-dir`` (default ``~/.cache/fedad/dadda``) /
-    a digest of the run-config and the site's training images."""
+    a digest of the settings stages 1-3 depend on (:data:`SYNTHESIS_KEYS`, every ``dam-*`` and
+    ``dadda-*`` key but the detector's) and of the site's training images. Runs that differ
+    only in the detector or the federated stage (B, E, rounds, strategy, ...) share the pairs."""
     settings = cfg.section(DADDASettings)
     base = Path(settings.dadda_cache_dir or Path.home() / ".cache" / "fedad" / "dadda")
-    key = json.dumps({"config": cfg.to_dict(), "samples": sorted(str(s.image_path)
-                                                                  for s in samples)},
+    config = {k: v for k, v in cfg.to_dict().items()
+              if k in SYNTHESIS_KEYS or (k.startswith(("dam-", "dadda-"))
+                                          and k not in DETECTOR_KEYS)}
+    key = json.dumps({"version": CACHE_VERSION, "config": config,
+                      "samples": sorted(str(s.image_path) for s in samples)},
                      sort_keys=True, default=str)
     return base.expanduser() / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
 

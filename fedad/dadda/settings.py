@@ -42,6 +42,7 @@ class DADDASettings:
     dadda_classifier: str = "resnet10t"  # timm architecture of the defect-type classifier
     dadda_localizer_channels: int = 16  # base channels of the U-Net localizer
     dadda_cache_dir: str = ""  # site cache of synthetic pairs; empty: ~/.cache/fedad/dadda
+    dadda_reuse_cache: bool = True  # skip stages 1-3 when every site holds pairs for them
 
     def __post_init__(self) -> None:
         if self.dadda_synthesis not in SYNTHESIS:

@@ -39,6 +39,7 @@ from fedad.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
+CACHED = "query.dadda_cached"
 UPLOAD = "query.dadda_upload"
 SYNTHESIZE = "query.dadda_synthesize"
 
@@ -50,6 +51,13 @@ def _broadcast(grid: Grid, nodes: list[int], message_type: str, content: RecordD
                         message_type=message_type) for node in nodes]
     replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
     return sorted(replies, key=lambda m: m.metadata.src_node_id)
+
+
+def sites_hold_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig) -> bool:
+    """True when every site already holds synthetic pairs for ``cfg``'s synthesis settings
+    (a previous run that differed only in the detector or the federated stage)."""
+    replies = _broadcast(grid, nodes, CACHED, RecordDict(), cfg)
+    return all(not r.has_error() and int(r.content["metrics"]["cached"]) == 1 for r in replies)
 
 
 def run_dam_only(grid: Grid, nodes: list[int], cfg: ExperimentConfig) -> None:
@@ -129,18 +137,12 @@ def synthesize_on_sites(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
     return pd.DataFrame(rows)
 
 
-def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
-    """All D-ADDA stages for ``cfg``; writes the results folder and returns the summary."""
+def generate_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
+                   defect_types: list[str], root: Path, seconds: dict[str, float]
+                   ) -> tuple[list[ServerUpload], dict[str, float]]:
+    """Stages 1-3 (DAM and uploads, the server's generators, synthesis on the sites); stage
+    times go into ``seconds``. Returns the accepted uploads and the generators' statistics."""
     settings = cfg.section(DADDASettings)
-    root = cfg.resolved_results_dir()
-    cfg = cfg.replace(results_dir=str(root))  # one folder for every stage
-    root.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    nodes = sorted(wait_for_nodes(grid, cfg.min_train_nodes))
-    data = prepare_data(cfg, len(nodes))
-    num_types = len(defect_types_of(cfg))
-    seconds: dict[str, float] = {}
-
     start = time.perf_counter()
     uploads: list[ServerUpload] = []
     models = RecordDict()
@@ -150,13 +152,13 @@ def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
         seconds["stage1_dam"] = time.perf_counter() - start
     else:
         uploads = collect_uploads(grid, nodes, cfg, PrivacyAudit(root / "privacy_audit.jsonl"),
-                                  len(data.defect_types))
+                                  len(defect_types))
         seconds["stage1_dam_upload"] = time.perf_counter() - start
         if not uploads:
             raise RuntimeError("stage 2: every upload was refused (see privacy_audit.jsonl)")
         start = time.perf_counter()
-        image_model, mask_model, generator_stats = train_generators(uploads, settings,
-                                                                    num_types, cfg.seed)
+        image_model, mask_model, generator_stats = train_generators(
+            uploads, settings, len(defect_types_of(cfg)), cfg.seed)
         models["image-model"] = ArrayRecord(image_model.state_dict())
         models["mask-model"] = ArrayRecord(mask_model.state_dict())
         seconds["stage2_generators"] = time.perf_counter() - start
@@ -164,6 +166,30 @@ def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
     sites = synthesize_on_sites(grid, nodes, cfg, models, root)
     sites.to_csv(root / "synthesis.csv", index=False)
     seconds["stage3_synthesis"] = time.perf_counter() - start
+    return uploads, generator_stats
+
+
+def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
+    """All D-ADDA stages for ``cfg``; writes the results folder and returns the summary."""
+    settings = cfg.section(DADDASettings)
+    root = cfg.resolved_results_dir()
+    cfg = cfg.replace(results_dir=str(root))  # one folder for every stage
+    root.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    nodes = sorted(wait_for_nodes(grid, cfg.min_train_nodes))
+    data = prepare_data(cfg, len(nodes))
+    seconds: dict[str, float] = {}
+
+    uploads: list[ServerUpload] = []
+    generator_stats: dict[str, float] = {}
+    start = time.perf_counter()
+    if settings.dadda_reuse_cache and sites_hold_pairs(grid, nodes, cfg):
+        log.info("stages 1-3 skipped: every site holds synthetic pairs for these synthesis "
+                 "settings (dadda-reuse-cache=false regenerates them)")
+        seconds["stages1_3_reused"] = time.perf_counter() - start
+    else:
+        uploads, generator_stats = generate_pairs(grid, nodes, cfg, data.defect_types, root,
+                                                  seconds)
 
     start = time.perf_counter()
     summary = run_federated(grid, cfg)
