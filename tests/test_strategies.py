@@ -1,7 +1,10 @@
 """The strategy registry and the reply guard in front of every strategy."""
 
+import io
+
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedad.config import ConfigError, ExperimentConfig
@@ -93,10 +96,6 @@ def test_aggregate_does_not_depend_on_arrival_order():
 def test_server_optimizer_state_survives_a_checkpoint(name):
     """A strategy restored from state_dict() (through torch.save/load as checkpoints are)
     aggregates the next round exactly like the one that kept running."""
-    import io
-
-    import torch
-
     def round_replies(value: float) -> list[Message]:
         return [_reply(n, [np.full(3, value * n, np.float32)], {"num-examples": 10})
                 for n in (1, 2)]

@@ -138,10 +138,11 @@ def synthesize_on_sites(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
 
 
 def generate_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
-                   defect_types: list[str], root: Path, seconds: dict[str, float]
+                   upload_classes: int, root: Path, seconds: dict[str, float]
                    ) -> tuple[list[ServerUpload], dict[str, float]]:
     """Stages 1-3 (DAM and uploads, the server's generators, synthesis on the sites); stage
-    times go into ``seconds``. Returns the accepted uploads and the generators' statistics."""
+    times go into ``seconds``; ``upload_classes`` is the number of mask classes an upload may
+    carry ("good" included). Returns the accepted uploads and the generators' statistics."""
     settings = cfg.section(DADDASettings)
     start = time.perf_counter()
     uploads: list[ServerUpload] = []
@@ -152,7 +153,7 @@ def generate_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
         seconds["stage1_dam"] = time.perf_counter() - start
     else:
         uploads = collect_uploads(grid, nodes, cfg, PrivacyAudit(root / "privacy_audit.jsonl"),
-                                  len(defect_types))
+                                  upload_classes)
         seconds["stage1_dam_upload"] = time.perf_counter() - start
         if not uploads:
             raise RuntimeError("stage 2: every upload was refused (see privacy_audit.jsonl)")
@@ -188,8 +189,8 @@ def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
                  "settings (dadda-reuse-cache=false regenerates them)")
         seconds["stages1_3_reused"] = time.perf_counter() - start
     else:
-        uploads, generator_stats = generate_pairs(grid, nodes, cfg, data.defect_types, root,
-                                                  seconds)
+        uploads, generator_stats = generate_pairs(grid, nodes, cfg, len(data.defect_types),
+                                                  root, seconds)
 
     start = time.perf_counter()
     summary = run_federated(grid, cfg)
