@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedad.dadda.detector import DADDADetector
 from fedad.dadda.diffusion import sample, train_diffusion
 from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs, finetune_image_model, sample_masks
@@ -119,6 +120,16 @@ def test_settings_name_bad_keys() -> None:
         DADDASettings(dadda_synthesis="gan")
     with pytest.raises(ValueError, match="dadda-sample-steps"):
         DADDASettings(dadda_sample_steps=500, dadda_diffusion_steps=100)
+    with pytest.raises(ValueError, match="dadda-classifier='resnet-9000'"):
+        DADDASettings(dadda_classifier="resnet-9000")
+
+
+def test_detector_with_the_pretrained_lite0_classifier() -> None:
+    detector = DADDADetector(3, classifier="lite0", localizer_channels=4).eval()
+    with torch.no_grad():
+        output = detector(torch.rand(2, 3, 32, 32))
+    assert output.class_logits.shape == (2, 3)
+    assert output.anomaly_logits.shape == (2, 1, 32, 32)
 
 
 def test_ema_warm_up_follows_the_weights_early_and_caps_at_the_decay() -> None:

@@ -15,6 +15,7 @@ from fedad.models.backbones import (
     IMAGENET_STD,
     BackboneError,
     create_backbone,
+    create_classifier,
     load_lite0_state_dict,
     pretrained_lite0_classifier,
 )
@@ -92,3 +93,26 @@ def test_unreadable_checkpoint_is_a_backbone_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match=r"garbage\.pt"):
         create_backbone("resnet18", checkpoint=path)
+
+
+def test_lite0_classifier_keeps_imagenet_features_and_gets_a_new_head() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    classifier = create_classifier("lite0", 4).eval()
+    normalised = (images - mean) / std
+    with torch.no_grad():
+        logits = classifier(images)
+        features = classifier.model.forward_features(normalised)
+        reference = pretrained_lite0_classifier().forward_features(normalised)
+        head = classifier.model.forward_head(features)
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+    torch.testing.assert_close(features, reference)  # ImageNet weights kept
+    torch.testing.assert_close(logits, head)  # the wrapper normalises [0, 1] input
+
+
+def test_other_classifier_names_are_timm_architectures_from_scratch() -> None:
+    classifier = create_classifier("resnet10t", 5)
+    assert classifier.num_classes == 5
+    assert not hasattr(classifier, "mean")  # no ImageNet statistics for a model that never saw them

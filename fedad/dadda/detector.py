@@ -1,6 +1,7 @@
-"""D-ADDA's downstream networks (eq. 8) as one federated model: a timm ResNet defect-type
-classifier F_cls and a U-Net localizer F_det/loc, trained on a site's real data plus the
-synthetic defect pairs its stage 3 cached on disk, and averaged by FedAvg.
+"""D-ADDA's downstream networks (eq. 8) as one federated model: a defect-type classifier F_cls
+(a timm ResNet from scratch, or the ImageNet Lite0 fine-tuned) and a U-Net localizer
+F_det/loc, trained on a site's real data plus the synthetic defect pairs its stage 3 cached on
+disk, and averaged by FedAvg.
 
 Model output: ``class_logits`` [B, K] over the category's K defect types ("good" excluded) and
 ``anomaly_logits`` [B, 1, H, W]. Detection score of an image = the maximum of its smoothed map.
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
@@ -29,6 +29,7 @@ from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs
 from fedad.data import AnomalyDataset, Sample, list_categories, scan_category
 from fedad.experiment import resolve_categories, resolve_root
+from fedad.models.backbones import create_classifier
 from fedad.models.localizer import UNetLocalizer
 from fedad.task import ModelRecipe
 from fedad.train.losses import focal_loss, soft_dice_loss
@@ -49,11 +50,13 @@ class DetectorOutput:
 
 
 class DADDADetector(nn.Module):
-    """F_cls (timm ``classifier``, from scratch) and F_det/loc (U-Net) on the same image.
+    """F_cls and F_det/loc (U-Net) on the same image.
 
     Args:
         num_defect_types: K, the classifier's outputs.
-        classifier: a timm architecture name (e.g. resnet10t, resnet18).
+        classifier: ``lite0`` (ImageNet pre-trained, fine-tuned) or a timm architecture name
+            trained from scratch (e.g. resnet10t, resnet18); see
+            :func:`fedad.models.backbones.create_classifier`.
         localizer_channels: base channels of the U-Net localizer.
     """
 
@@ -62,8 +65,7 @@ class DADDADetector(nn.Module):
         super().__init__()
         if num_defect_types < 1:
             raise ValueError(f"DADDADetector: num_defect_types={num_defect_types} must be >= 1")
-        self.classifier = timm.create_model(classifier, pretrained=False,
-                                            num_classes=num_defect_types)
+        self.classifier = create_classifier(classifier, num_defect_types)
         self.localizer = UNetLocalizer(localizer_channels)
 
     def forward(self, images: torch.Tensor) -> DetectorOutput:

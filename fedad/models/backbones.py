@@ -93,6 +93,34 @@ def pretrained_lite0_classifier() -> nn.Module:
     return model.eval()
 
 
+class ImageNetInput(nn.Module):
+    """Wraps an ImageNet-trained model so that it takes images [B, 3, H, W] in [0, 1]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> the model's output on ImageNet-normalised images."""
+        return self.model((images - self.mean) / self.std)
+
+
+def create_classifier(name: str, num_classes: int) -> nn.Module:
+    """An image classifier [B, 3, H, W] in [0, 1] -> logits [B, num_classes].
+
+    ``lite0``: the packaged ImageNet Lite0 with a new ``num_classes`` head (fine-tuning, the
+    "pre-training" setting); any other timm name: that architecture from scratch.
+    """
+    if name != "lite0":
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+    model.load_state_dict(packaged_lite0_state_dict())
+    model.reset_classifier(num_classes)
+    return ImageNetInput(model)
+
+
 def _state_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
     """Human-readable differences between a state dict and a model's (empty: they fit)."""
     expected = model.state_dict()
@@ -132,8 +160,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-class FeatureBackbone(nn.Module):
-    """A timm ``features_only`` model on [0, 1] images, returning a list of feature maps.
+class FeatureBackbone(ImageNetInput):
+    """A timm ``features_only`` model on [0, 1] images, returning a list of feature maps
+    [[B, C_i, H / s_i, W / s_i] for each level i].
 
     Attributes:
         channels: channels C_i of each returned map.
@@ -141,16 +170,9 @@ class FeatureBackbone(nn.Module):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.channels: list[int] = list(model.feature_info.channels())
         self.strides: list[int] = list(model.feature_info.reduction())
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images [B, 3, H, W] in [0, 1] -> [[B, C_i, H / s_i, W / s_i] for each level i]."""
-        return self.model((images - self.mean) / self.std)
 
 
 def create_backbone(
