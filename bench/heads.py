@@ -39,6 +39,7 @@ from fedad.heads.scoring import (
     score_moments,
 )
 from fedad.heads.settings import HeadSettings
+from fedad.heads.whitening import Whitening, feature_moments
 from fedad.heads.workflow import evaluate_head
 
 log = logging.getLogger("bench.heads")
@@ -113,6 +114,18 @@ def category_patches(category: str, image_size: int, num_sites: int, seed: int,
     return sites, test
 
 
+def whitened(fit_sites: list[PatchSet], others: list[PatchSet], max_patches: int, seed: int,
+             enabled: bool = True) -> list[PatchSet]:
+    """``fit_sites`` + ``others`` with features whitened by the fit sites' pooled feature
+    moments (the federated whitening of fedad.heads.whitening); unchanged when not enabled."""
+    if not enabled:
+        return [*fit_sites, *others]
+    whitening = Whitening.from_moments([feature_moments(s.flat(max_patches, seed=seed + i))
+                                        for i, s in enumerate(fit_sites)])
+    return [dataclasses.replace(s, features=whitening.apply(s.features))
+            for s in [*fit_sites, *others]]
+
+
 def pooled(sites: list[PatchSet]) -> PatchSet:
     """The sites' patches as one site (the centralized reference)."""
     return PatchSet(torch.cat([s.features for s in sites]),
@@ -128,6 +141,7 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, d
         sites, test = category_patches(category, args.image_size, args.sites, args.seed,
                                        extractor)
         patches[category] = (sites, test)
+        *sites, test = whitened(sites, [test], args.max_patches, args.seed, args.whitening)
         log.info("%s: features of %d + %d images in %.1f s", category,
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
@@ -153,22 +167,24 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, d
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     """By-category federation (one site per category): the global bank merged from the source
     categories' banks only, and from all categories' banks, scored on each target category's
-    test split (calibrated on the contributing sites' normal images)."""
+    test split (calibrated on the contributing sites' normal images, whitened by their
+    moments)."""
     variant = variants(1, args.max_patches)[0]
     head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[1].features
                                  .shape[1], args.seed)
     sites = {c: pooled(p[0]) for c, p in patches.items()}
-    local = {c: head.fit_local(site.flat(args.max_patches, seed=args.seed))
-             for c, site in sites.items()}
     rows = []
     for target in patches:
         sources = [c for c in patches if c != target]
         for label, members in (("sources only", sources),
                                ("sources + target site", [*sources, target])):
-            payload = head.merge([local[c] for c in members])
+            *member_sites, test = whitened([sites[c] for c in members], [patches[target][1]],
+                                           args.max_patches, args.seed, args.whitening)
+            payload = head.merge([head.fit_local(site.flat(args.max_patches, seed=args.seed))
+                                  for site in member_sites])
             rows.append({"category": target, "head": variant.name, "setting": label,
-                         **evaluate(variant, payload, [sites[c] for c in members],
-                                    patches[target][1], args.image_size, args.seed)})
+                         **evaluate(variant, payload, member_sites, test, args.image_size,
+                                    args.seed)})
             log.info("%s", rows[-1])
     return pd.DataFrame(rows)
 
@@ -176,7 +192,9 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
 def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     """NexViTAD Fig. 8: K in {5, 10, 20, 30, 40}, Sinkhorn bank, centralized and federated."""
     rows = []
-    for category, (sites, test) in patches.items():
+    for category, (raw_sites, raw_test) in patches.items():
+        *sites, test = whitened(raw_sites, [raw_test], args.max_patches, args.seed,
+                                args.whitening)
         for k in (5, 10, 20, 30, 40):
             variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
                               HeadSettings(num_prototypes=k, max_patches=args.max_patches))
@@ -199,6 +217,8 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
                                     image_size=image_size)
         sites, test = category_patches(category, image_size, 1, args.seed, extractor)
+        whitening = Whitening.from_moments([feature_moments(sites[0].flat(args.max_patches))])
+        sites = whitened(sites, [], args.max_patches, args.seed, args.whitening)
         for variant in variants(sites[0].flat().shape[0], args.max_patches):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
@@ -207,7 +227,10 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
             times = []
             for image in images:
                 t0 = time.perf_counter()
-                maps = anomaly_maps(head, payload, extractor(image), image_size,
+                features = extractor(image)
+                if args.whitening:
+                    features = whitening.apply(features)
+                maps = anomaly_maps(head, payload, features, image_size,
                                     variant.settings.map_sigma)
                 image_scores(maps, variant.settings)
                 times.append(time.perf_counter() - t0)
@@ -235,6 +258,8 @@ def main() -> None:
     parser.add_argument("--skip-categories", action="store_true")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--skip-cross-domain", action="store_true")
+    parser.add_argument("--no-whitening", dest="whitening", action="store_false",
+                        help="heads on raw patch features (feature-whitening=false)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)

@@ -12,7 +12,8 @@ from fedad.experiment import prepare_data
 from fedad.methods import method_entry, resolve
 
 ACTIONS: dict[str, tuple[str, ...]] = {
-    "train": (), "evaluate": (), "query": ("dadda_cached", "dadda_upload", "dadda_synthesize"),
+    "train": (), "evaluate": (),
+    "query": ("dadda_cached", "dadda_upload", "dadda_synthesize", "feature_moments"),
 }
 
 

@@ -1,9 +1,11 @@
 """Site logic of the feature heads (method=memorybank|gmm|flow).
 
-``train``: fit a local head (round 1) or refinement statistics for the global head in the
-message; reply with the typed payload. ``evaluate``: score moments of local normal
-validation images under the global head (for the server's calibration). Only prototypes,
-statistics and flow weights leave the site; patch features and images never do.
+``query.feature_moments``: moments of the local normal patch features (for the global
+whitening). ``train``: fit a local head (round 1) or refinement statistics for the global head
+in the message; reply with the typed payload. ``evaluate``: score moments of local normal
+validation images under the global head (for the server's calibration). ``train`` and
+``evaluate`` apply the whitening the message carries, if any. Only prototypes, statistics and
+flow weights leave the site; patch features and images never do.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from flwr.app import MetricRecord, RecordDict
 
 from clients.base import SiteClient
 from fedad.heads.payload import Payload, payload_from_record
-from fedad.heads.registry import head_for
-from fedad.heads.site import calibration_moments, fit_or_refine
+from fedad.heads.registry import extractor_for, head_for
+from fedad.heads.site import calibration_moments, fit_or_refine, site_feature_moments
+from fedad.heads.whitening import Whitening
 
 
 class FeatureHeadClient(SiteClient):
@@ -27,10 +30,22 @@ class FeatureHeadClient(SiteClient):
         return payload_from_record(content, head.fit_kind, head.sizes,
                                    head.reference_shapes(head.fit_kind))
 
+    def _whitening(self, content: RecordDict) -> Whitening | None:
+        """The server's whitening in the message (checked), or None."""
+        return Whitening.from_content(content, extractor_for(self.cfg).dim)
+
+    def query_feature_moments(self, content: RecordDict) -> RecordDict:
+        """Count, mean and second moment of the local normal patch features; an empty reply
+        (num-examples 0) when the site holds no normal training images."""
+        payload = site_feature_moments(self.cfg, self.partition_id, self.data.num_partitions)
+        if payload is None:
+            return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+        return payload.to_record()
+
     def train(self, content: RecordDict) -> RecordDict:
         """Local fit or refinement; an empty reply (num-examples 0) when the site abstains."""
         payload = fit_or_refine(self.cfg, self.partition_id, self.data.num_partitions,
-                                self._global_head(content))
+                                self._global_head(content), self._whitening(content))
         if payload is None:
             return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
         return payload.to_record()
@@ -40,5 +55,6 @@ class FeatureHeadClient(SiteClient):
         head = self._global_head(content)
         if head is None:
             raise ValueError("evaluate: the message carries no global head")
-        moments = calibration_moments(self.cfg, self.partition_id, self.data.num_partitions, head)
+        moments = calibration_moments(self.cfg, self.partition_id, self.data.num_partitions, head,
+                                      self._whitening(content))
         return RecordDict({"metrics": MetricRecord(moments or {"count": 0.0})})

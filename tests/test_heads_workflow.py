@@ -53,26 +53,37 @@ def test_two_rounds_write_the_results_folder_and_only_statistics_cross(dataset, 
     rows = crossings(results)
     assert all(r["accepted"] for r in rows)
     train_rows = [r for r in rows if r["kind"] != "score-moments"]
-    assert [r["kind"] for r in train_rows] == [kinds[0]] * 2 + [kinds[1]] * 2
+    assert [r["kind"] for r in train_rows] == (["feature-moments"] * 2 + [kinds[0]] * 2
+                                               + [kinds[1]] * 2)
     num_patches = min(r["count"] for r in train_rows)
     for row in train_rows:  # no array has a row per patch: features never cross
         assert all(num_patches not in shape for shape in row["shapes"].values()), row
 
 
+def test_without_whitening_no_feature_moments_cross(dataset, tmp_path):
+    results = tmp_path / "results"
+    run_in_process(config(dataset, results, method="memorybank", **{"num-server-rounds": 1,
+                                                                    "feature-whitening": False}), 2)
+    assert "feature-moments" not in {r["kind"] for r in crossings(results)}
+
+
 class CorruptingGrid(InProcessGrid):
-    """In-process sites, one of which sends NaN prototypes and one a misshaped bank."""
+    """In-process sites, one of which sends NaN feature moments and prototypes and one
+    misshaped ones."""
 
     def _answer(self, msg: Message) -> Message:
         reply = super()._answer(msg)
         node = msg.metadata.dst_node_id
-        if msg.metadata.message_type == "train" and node != FIRST_NODE_ID:
+        name = {"train": "prototypes", "query.feature_moments": "second"}.get(
+            msg.metadata.message_type)
+        if name is not None and node != FIRST_NODE_ID:
             head = reply.content.array_records["head"]
-            values = head["prototypes"].numpy().copy()
+            values = head[name].numpy().copy()
             if node == FIRST_NODE_ID + 1:
                 values[0, 0] = np.nan
             else:
                 values = values[:, :-1]
-            head["prototypes"] = Array(values)
+            head[name] = Array(values)
         return reply
 
 
@@ -83,13 +94,13 @@ def test_refused_payloads_are_logged_and_left_out(dataset, tmp_path):
     from fedad.heads.workflow import run_feature_head
 
     summary = run_feature_head(CorruptingGrid(cfg, 3), cfg)
-    rows = [r for r in crossings(results) if r["kind"] == "prototypes"]
-    by_node = {r["node"]: r for r in rows}
-    assert by_node[FIRST_NODE_ID]["accepted"]
-    assert not by_node[FIRST_NODE_ID + 1]["accepted"]
-    assert "non-finite" in by_node[FIRST_NODE_ID + 1]["reason"]
-    assert not by_node[FIRST_NODE_ID + 2]["accepted"]
-    assert "shape" in by_node[FIRST_NODE_ID + 2]["reason"]
+    for kind in ("feature-moments", "prototypes"):
+        by_node = {r["node"]: r for r in crossings(results) if r["kind"] == kind}
+        assert by_node[FIRST_NODE_ID]["accepted"]
+        assert not by_node[FIRST_NODE_ID + 1]["accepted"]
+        assert "non-finite" in by_node[FIRST_NODE_ID + 1]["reason"]
+        assert not by_node[FIRST_NODE_ID + 2]["accepted"]
+        assert "shape" in by_node[FIRST_NODE_ID + 2]["reason"]
     assert summary["final"]["train_sites"] == 1
 
 

@@ -81,8 +81,11 @@ class FlowHead(FeatureHead):
         return PatchFlow(self.dim, self.settings.flow_blocks, self.settings.flow_hidden,
                          self.seed)
 
-    def reference_shapes(self, kind: str) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the flow's state dict."""
+    def reference_shapes(self, kind: str) -> dict[str, tuple[int, ...]] | None:
+        """Names and shapes of the flow's state dict (``flow`` payloads; other kinds have
+        templates)."""
+        if kind != "flow":
+            return None
         return {k: tuple(v.shape) for k, v in self.new_flow().state_dict().items()}
 
     def fit_local(self, features: torch.Tensor) -> Payload:

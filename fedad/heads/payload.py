@@ -2,7 +2,8 @@
 
 A payload is a kind, named float arrays whose shapes follow the kind's template (``K``
 prototypes or components, ``D`` feature width) and an example count. Only prototypes, mixture
-parameters, cluster / EM statistics, flow weights and scalar score statistics ever cross;
+parameters, cluster / EM statistics, flow weights, feature moments (for the whitening) and
+scalar score statistics ever cross;
 patch features and images never do: no kind has an array with one row per patch or image.
 """
 
@@ -20,6 +21,7 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "mixture": {"weights": ("K",), "means": ("K", "D"), "covariances": ("K", "D", "D")},
     "em-stats": {"counts": ("K",), "sums": ("K", "D"), "outer": ("K", "D", "D")},
     "flow": {},  # keys and shapes come from the global flow's state dict
+    "feature-moments": {"mean": ("D",), "second": ("D", "D")},
 }
 """Array names and shape templates of each payload kind."""
 

@@ -2,7 +2,9 @@
 
 Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
 upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
-ImageNet backbone with a 3 x 3 neighbourhood and sigma = 4 (PatchCore's defaults).
+ImageNet backbone with a 3 x 3 neighbourhood and sigma = 4 (PatchCore's defaults). Feature
+whitening was chosen on a validation split of synthetic anomalies on held-out training
+normals, never on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class HeadSettings:
     feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
     feature_neighbourhood: int = 3
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
+    feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
     bank_clustering: str = "sinkhorn"
     num_prototypes: int = 30

@@ -1,16 +1,20 @@
-"""What a site does for a feature head: fit or refine on its own normal patch features, and
-report score moments of its normal validation images for calibration. Features stay here."""
+"""What a site does for a feature head: report the moments of its normal patch features (for
+the global whitening), fit or refine on those features, and report score moments of its normal
+validation images for calibration. Features stay here."""
 
 from __future__ import annotations
 
 import functools
 import logging
 
+import torch
+
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import extractor_for, head_for, head_settings
 from fedad.heads.scoring import PatchSet, anomaly_maps, extract_patches, image_scores, score_moments
+from fedad.heads.whitening import Whitening, feature_moments
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +34,41 @@ def normal_patches(cfg: ExperimentConfig, partition_id: int, num_partitions: int
     return extract_patches(extractor_for(cfg), samples, cfg.image_size)
 
 
+def site_feature_moments(cfg: ExperimentConfig, partition_id: int,
+                         num_partitions: int) -> Payload | None:
+    """Moments of the site's normal training patch features (the ``max-patches`` subsample the
+    head is fitted on); None when the site holds no normal training images."""
+    patches = normal_patches(cfg, partition_id, num_partitions, "train")
+    if patches is None:
+        return None
+    return feature_moments(patches.flat(head_settings(cfg).max_patches,
+                                        seed=cfg.seed + partition_id))
+
+
+def _whiten(features: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+    return features if whitening is None else whitening.apply(features)
+
+
 def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
-                  global_head: Payload | None) -> Payload | None:
-    """Round 1 (no global head): the site's own head; later: its refinement reply. None when
-    the site holds no normal training images (it abstains)."""
+                  global_head: Payload | None, whitening: Whitening | None = None
+                  ) -> Payload | None:
+    """Round 1 (no global head): the site's own head; later: its refinement reply, on
+    features whitened by the server's ``whitening`` if any. None when the site holds no
+    normal training images (it abstains)."""
     patches = normal_patches(cfg, partition_id, num_partitions, "train")
     if patches is None:
         return None
     head = head_for(cfg)
-    features = patches.flat(head_settings(cfg).max_patches, seed=cfg.seed + partition_id)
+    features = _whiten(patches.flat(head_settings(cfg).max_patches,
+                                    seed=cfg.seed + partition_id), whitening)
     if global_head is None:
         return head.fit_local(features)
     return head.refine_local(global_head, features)
 
 
 def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
-                        global_head: Payload) -> dict[str, float] | None:
+                        global_head: Payload, whitening: Whitening | None = None
+                        ) -> dict[str, float] | None:
     """Score moments of the site's normal validation images (training images when it has no
     validation images) under the global head; None when it has neither."""
     patches = (normal_patches(cfg, partition_id, num_partitions, "val")
@@ -53,6 +76,6 @@ def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions
     if patches is None:
         return None
     settings = head_settings(cfg)
-    maps = anomaly_maps(head_for(cfg), global_head, patches.features, cfg.image_size,
-                        settings.map_sigma)
+    maps = anomaly_maps(head_for(cfg), global_head, _whiten(patches.features, whitening),
+                        cfg.image_size, settings.map_sigma)
     return score_moments(maps, image_scores(maps, settings))

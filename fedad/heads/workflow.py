@@ -1,10 +1,13 @@
 """Server workflow of the feature heads: fit/refine rounds over Flower messages, checked
 payloads, merge, calibration, global evaluation on the test split, results folder.
 
-Round 1 asks every site for its own head (one-shot federation); rounds 2.. send the global
-head and merge the sites' refinement replies. Every payload is checked (kind, names, shapes,
-finiteness, count) before use; a refused or failed reply is logged and left out. What crossed
-(node, round, kind, shapes, digest, accepted, reason) is written to ``payloads.jsonl``.
+With ``feature-whitening`` (default), a first exchange asks every site for the moments of its
+normal patch features and pools them into the global whitening, which every later message
+carries (:mod:`fedad.heads.whitening`). Round 1 asks every site for its own head (one-shot
+federation); rounds 2.. send the global head and merge the sites' refinement replies. Every
+payload is checked (kind, names, shapes, finiteness, count) before use; a refused or failed
+reply is logged and left out. What crossed (node, round, kind, shapes, digest, accepted,
+reason) is written to ``payloads.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fedad.heads.scoring import (
     extract_patches,
     image_scores,
 )
+from fedad.heads.whitening import Whitening
 from fedad.metrics import anomaly_metrics
 from fedad.payloads import check_metrics
 from fedad.results import ResultsWriter
@@ -45,9 +49,12 @@ class HeadRound:
                  head: FeatureHead) -> None:
         self.grid, self.nodes, self.cfg, self.head = grid, nodes, cfg, head
         self.crossings: list[dict] = []
+        self.whitening: Whitening | None = None
 
     def _send(self, message_type: str, content: RecordDict, server_round: int) -> list[Message]:
         content["config"] = ConfigRecord({"server-round": server_round})
+        if self.whitening is not None:
+            self.whitening.add_to(content)
         messages = [self.grid.create_message(RecordDict(dict(content.items())), message_type,
                                              node, str(server_round))
                     for node in self.nodes]
@@ -58,8 +65,21 @@ class HeadRound:
         """Send ``train`` (with the global head from round 2 on); the accepted payloads."""
         kind = self.head.fit_kind if global_head is None else self.head.refine_kind
         content = global_head.to_record() if global_head is not None else RecordDict()
+        return self._accepted("train", content, kind, server_round)
+
+    def agree_whitening(self) -> Whitening:
+        """The global whitening from the sites' feature moments (logged as round 0)."""
+        payloads = self._accepted("query.feature_moments", RecordDict(), "feature-moments", 0)
+        if not payloads:
+            raise RuntimeError("whitening: no site sent usable feature moments")
+        self.whitening = Whitening.from_moments(payloads)
+        return self.whitening
+
+    def _accepted(self, message_type: str, content: RecordDict, kind: str,
+                  server_round: int) -> list[Payload]:
+        """Send ``content`` to every site; their replies of ``kind`` that pass the checks."""
         accepted = []
-        for reply in self._send("train", content, server_round):
+        for reply in self._send(message_type, content, server_round):
             row = {"round": server_round, "node": reply.metadata.src_node_id, "kind": kind}
             if reply.has_error():
                 row.update(accepted=False, reason=f"site error: {reply.error.reason}")
@@ -134,6 +154,10 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
              len(nodes), len(test_samples), time.perf_counter() - started)
     head = head_for(cfg)
     exchange = HeadRound(grid, nodes, cfg, head)
+    if settings.feature_whitening:
+        test.features = exchange.agree_whitening().apply(test.features)
+        log.info("whitening agreed from %d sites' feature moments",
+                 sum(1 for c in exchange.crossings if c["accepted"]))
     global_head: Payload | None = None
     for server_round in range(1, cfg.num_server_rounds + 1):
         payloads = exchange.collect(server_round, global_head)

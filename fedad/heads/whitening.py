@@ -1,0 +1,97 @@
+"""Federated whitening of patch features (``feature-whitening``).
+
+ImageNet channels differ widely in their spread over normal patches, so a Euclidean distance
+(the memory bank) is ruled by the few channels that vary most on normal images (colour,
+illumination, pose) rather than by the ones a defect moves. Whitening with the normal patches'
+covariance (a Mahalanobis metric, as in PaDiM) puts every direction on the same scale.
+
+Federated form: each site sends its patch count, mean [D] and second moment [D, D] (a
+``feature-moments`` payload: statistics, never features); the server pools them exactly and
+sends back the mean and the whitening matrix, which every site and the server's scoring apply
+before the head. The covariance is shrunk towards a scaled identity (``SHRINKAGE`` of its mean
+variance) so that directions with almost no normal variance are not blown up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedad.heads.payload import Payload, PayloadError
+
+SHRINKAGE = 0.01
+RECORD = "whitening"
+
+
+def feature_moments(features: torch.Tensor) -> Payload:
+    """A site's ``feature-moments`` payload of its normal patch features [N, D]:
+    mean [D] and second moment E[x x^T] [D, D] (float64), count N."""
+    if features.dim() != 2 or not len(features) or not torch.isfinite(features).all():
+        raise ValueError(f"feature_moments: expected finite [N, D], got {list(features.shape)}")
+    x = features.double()
+    return Payload("feature-moments", {"mean": x.mean(0).numpy(),
+                                       "second": (x.T @ x / len(x)).numpy()}, len(x))
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """f -> (f - mean) @ matrix for patch features; ``matrix`` [D, D] is symmetric."""
+
+    mean: np.ndarray  # [D]
+    matrix: np.ndarray  # [D, D]
+
+    @classmethod
+    def from_moments(cls, payloads: list[Payload]) -> Whitening:
+        """Pool the sites' moments (weighted by their counts) into the ZCA whitening
+        C_s^{-1/2} of the shrunk covariance C_s = C + SHRINKAGE * mean(diag C) * I."""
+        if not payloads:
+            raise ValueError("Whitening.from_moments: no feature-moments payloads")
+        counts = np.array([p.count for p in payloads], np.float64)
+        weights = counts / counts.sum()
+        mean = sum(w * p.arrays["mean"] for w, p in zip(weights, payloads, strict=True))
+        second = sum(w * p.arrays["second"] for w, p in zip(weights, payloads, strict=True))
+        covariance = second - np.outer(mean, mean)
+        covariance = (covariance + covariance.T) / 2
+        covariance += SHRINKAGE * max(np.trace(covariance) / len(mean), 1e-12) * np.eye(len(mean))
+        values, vectors = np.linalg.eigh(covariance)
+        matrix = (vectors * values.clip(1e-12) ** -0.5) @ vectors.T
+        return cls(mean.astype(np.float32), matrix.astype(np.float32))
+
+    def apply(self, features: torch.Tensor) -> torch.Tensor:
+        """Whitened features: [N, D] -> [N, D], or maps [N, D, h, w] -> [N, D, h, w]."""
+        mean, matrix = torch.from_numpy(self.mean), torch.from_numpy(self.matrix)
+        width = 1 if features.dim() == 4 else -1
+        if features.dim() not in (2, 4) or features.shape[width] != len(mean):
+            raise ValueError(f"whitening of width {len(mean)} applied to features "
+                             f"{list(features.shape)}")
+        if features.dim() == 4:
+            n, d, h, w = features.shape
+            flat = self.apply(features.permute(0, 2, 3, 1).reshape(-1, d))
+            return flat.reshape(n, h, w, d).permute(0, 3, 1, 2).contiguous()
+        return (features.float() - mean) @ matrix
+
+    def add_to(self, content: RecordDict) -> RecordDict:
+        """``content`` with the whitening as its ``whitening`` array record."""
+        content[RECORD] = ArrayRecord({"mean": Array(self.mean), "matrix": Array(self.matrix)})
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict, dim: int) -> Whitening | None:
+        """The whitening a message carries (None when it carries none), checked: mean [dim],
+        matrix [dim, dim], finite floats; PayloadError otherwise."""
+        if RECORD not in content.array_records:
+            return None
+        record = content.array_records[RECORD]
+        if set(record.keys()) != {"mean", "matrix"}:
+            raise PayloadError(f"whitening: arrays {sorted(record.keys())}, expected "
+                               "['matrix', 'mean']")
+        mean, matrix = record["mean"].numpy(), record["matrix"].numpy()
+        if mean.shape != (dim,) or matrix.shape != (dim, dim):
+            raise PayloadError(f"whitening: shapes {list(mean.shape)} / {list(matrix.shape)}, "
+                               f"expected [{dim}] / [{dim}, {dim}]")
+        if any(a.dtype.kind != "f" or not np.isfinite(a).all() for a in (mean, matrix)):
+            raise PayloadError("whitening: non-finite or non-float values")
+        return cls(mean.astype(np.float32), matrix.astype(np.float32))
