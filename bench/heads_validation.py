@@ -1,0 +1,100 @@
+"""Choosing the feature heads' preprocessing without test images: a validation split of
+synthetic anomalies on held-out normal training images.
+
+A fifth of each category's normal training images is held out; the Sinkhorn memory bank
+(HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
+(normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
+nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
+whitened patch features (fedad.heads.whitening) at each image size. Only training images are
+read, so the same procedure serves real data.
+
+    python bench/heads_validation.py --out /tmp/heads-validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
+from fedad.heads.features import build_extractor
+from fedad.heads.memory_bank import MemoryBankHead
+from fedad.heads.scoring import anomaly_maps, extract_patches, image_scores
+from fedad.heads.settings import HeadSettings
+from fedad.heads.whitening import Whitening, feature_moments
+from fedad.train.synthetic_anomalies import AnomalySynthesizer
+
+log = logging.getLogger("bench.heads_validation")
+HOLDOUT = 0.2
+
+
+def validation_split(category: str, image_size: int, seed: int
+                     ) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fit samples, held-out normals [M, 3, S, S], the same with synthetic anomalies, their
+    masks [M, 1, S, S]) of a category's training images."""
+    train = [s for s in scan_category(ensure_synthetic(), category) if s.split == "train"]
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = max(1, round(HOLDOUT * len(train)))
+    dataset = AnomalyDataset([train[i] for i in order[:held]], image_size)
+    normals = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    anomalous, masks = AnomalySynthesizer(probability=1.0, seed=seed)(normals)
+    return [train[i] for i in order[held:]], normals, anomalous, masks
+
+
+def validate(category: str, image_size: int, whiten: bool, settings: HeadSettings,
+             seed: int) -> dict[str, float]:
+    """Validation image / pixel AUROC of the Sinkhorn bank on one category."""
+    fit, normals, anomalous, masks = validation_split(category, image_size, seed)
+    extractor = build_extractor("lite0", layers=settings.layers(),
+                                neighbourhood=settings.feature_neighbourhood,
+                                image_size=image_size)
+    bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
+    with torch.no_grad():
+        features = extractor(torch.cat([normals, anomalous]))
+    if whiten:
+        whitening = Whitening.from_moments([feature_moments(bank)])
+        bank, features = whitening.apply(bank), whitening.apply(features)
+    head = MemoryBankHead(settings, bank.shape[1], seed)
+    maps = anomaly_maps(head, head.fit_local(bank), features, image_size, settings.map_sigma)
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(anomalous))]
+    truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
+    return {"val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
+            "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
+    parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--max-patches", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.replace(HeadSettings(), max_patches=args.max_patches)
+    rows = []
+    for category in args.categories:
+        for image_size in args.image_sizes:
+            for whiten in (False, True):
+                rows.append({"category": category, "image_size": image_size,
+                             "features": "whitened" if whiten else "raw",
+                             **validate(category, image_size, whiten, settings, args.seed)})
+                log.info("%s", rows[-1])
+    table = pd.DataFrame(rows)
+    means = table.groupby(["image_size", "features"], as_index=False).mean(numeric_only=True)
+    table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
+    table.to_csv(args.out / "validation.csv", index=False)
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
