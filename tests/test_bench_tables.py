@@ -33,6 +33,7 @@ def _accuracy(cell) -> float:
     config = cell.run_config
     return round(0.01 * config.get("local-epochs", 1) + 0.001 * config.get("seed", 0)
                  + (0.2 if config.get("partitioner") == "iid" else 0.0)
+                 + (0.05 if config.get("dadda-classifier") == "lite0" else 0.0)
                  + 0.01 * cell.num_clients, 6)
 
 
@@ -52,7 +53,8 @@ class FakeRunner:
                       "class_accuracy": [value / 2, value]}).to_csv(folder / "rounds.csv",
                                                                     index=False)
         (folder / "summary.json").write_text(json.dumps({"seconds": 1.5, "final": {
-            "round": 2, "image_auroc": value, "class_accuracy": value}}))
+            "round": 2, "image_auroc": value, "class_accuracy": value,
+            "class_accuracy_u_pro": value + 0.01}}))
         rng = np.random.default_rng(len(cell.name))
         labels = np.array([0, 0, 1, 1, 1])
         np.savez(folder / "scores.npz", labels=labels, image_scores=labels * value
@@ -172,15 +174,20 @@ def test_dadda_table3_preset_has_the_layout_of_the_paper(tmp_path):
     spec = load_spec(PROJECT_ROOT / "configs" / "dadda_table3.yaml")
     spec = dataclasses.replace(spec, fixed={**spec.fixed, "method": "msvt"})
     outcomes = run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
-    assert len(outcomes) == 28 and all(o.status == "done" for o in outcomes)
+    assert len(outcomes) == 56 and all(o.status == "done" for o in outcomes)
     shown = display_table(summarize(collect_runs(tmp_path), spec.table), spec.table, "md")
-    assert list(shown.columns) == ["Num. clients", "B", "E", "IID", "Accuracy"]
+    groups = [f"{g} / {m}" for g in ("No pre-training", "Pre-training") for m in ("U-Pro", "F-Pro")]
+    assert list(shown.columns) == ["Num. clients", "B", "E", "IID", *groups]
     assert len(shown) == 28
     assert shown.iloc[0, :4].tolist() == ["1", "8", "10", "–"]
     assert shown["IID"].iloc[1:].value_counts().to_dict() == {"✓": 18, "✗": 9}
     assert set(shown["Num. clients"].iloc[1:]) == {"5", "10"}
-    best = shown[shown["Accuracy"].str.startswith("**")]
-    assert best[["Num. clients", "E", "IID"]].values.tolist() == [["10", "10", "✓"]] * 3
+    for column in groups:
+        best = shown[shown[column].str.startswith("**")]
+        assert best[["Num. clients", "E", "IID"]].values.tolist() == [["10", "10", "✓"]] * 3
+    # the made-up metric adds 0.05 for the pre-trained classifier
+    assert (shown["Pre-training / F-Pro"].str.strip("*").astype(float)
+            - shown["No pre-training / F-Pro"].str.strip("*").astype(float)).round(3).eq(0.05).all()
 
 
 def test_sweep_report_writes_tables_and_plots(tmp_path):

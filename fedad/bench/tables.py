@@ -97,7 +97,12 @@ def display_table(summary: pd.DataFrame, table: TableSpec, fmt: str = "md",
     metrics = [m for m in table.metrics if f"{m}_mean" in summary]
     rows = list(table.rows) if set(table.rows) & {"strategy", NUM_CLIENTS} else \
         ["kind", *table.rows]
-    groups = list(dict.fromkeys(summary[table.columns])) if table.columns else [None]
+    groups: list = [None]
+    if table.columns:  # in the order of the column key's labels in ``values``, then as found
+        labelled = list(table.values.get(table.columns, {}))
+        groups = sorted(dict.fromkeys(summary[table.columns]),
+                        key=lambda g: (labelled.index(str(g)) if str(g) in labelled
+                                       else len(labelled)))
     index = summary[rows].drop_duplicates().reset_index(drop=True)
     out = index.copy()
     for key in rows:
@@ -112,7 +117,9 @@ def display_table(summary: pd.DataFrame, table: TableSpec, fmt: str = "md",
         for metric in metrics:
             mean, std = merged[f"{metric}_mean"], merged[f"{metric}_std"]
             best = mean[federated].max() if mean[federated].notna().any() else math.nan
-            header = metric if group is None else f"{group} / {metric}"
+            header = metric if group is None else (
+                f"{table.values.get(table.columns, {}).get(str(group), group)} / "
+                f"{table.labels.get(metric, metric)}")
             out[header] = [_cell_text(m, s, bool(m == best and f), fmt, digits)
                            for m, s, f in zip(mean, std, _as_list(federated, len(merged)),
                                               strict=True)]
