@@ -7,7 +7,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedad.heads.payload import PayloadError, payload_from_record
-from fedad.heads.whitening import SHRINKAGE, Whitening, feature_moments
+from fedad.heads.whitening import SHRINKAGE, Whitening, check_moments, feature_moments
 
 DIM = 6
 
@@ -72,3 +72,14 @@ def test_feature_moments_payloads_are_typed_and_checked():
         payload_from_record(sent.to_record(), "feature-moments", {"D": DIM + 2})
     with pytest.raises(ValueError, match="finite"):
         feature_moments(torch.full((3, DIM), float("inf")))
+
+
+def test_moments_that_are_no_covariance_are_refused():
+    good = feature_moments(correlated_features(100, 0))
+    check_moments(good)
+    for name, change in (("negative variance", lambda m: m - 10 * np.abs(m).max() * np.eye(DIM)),
+                         ("not symmetric", lambda m: m + np.triu(np.ones((DIM, DIM)), 1))):
+        bad = type(good)(good.kind, {**good.arrays, "second": change(good.arrays["second"])},
+                         good.count)
+        with pytest.raises(PayloadError, match=name):
+            check_moments(bad)
