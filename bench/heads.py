@@ -217,8 +217,10 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
                                     image_size=image_size)
         sites, test = category_patches(category, image_size, 1, args.seed, extractor)
-        whitening = Whitening.from_moments([feature_moments(sites[0].flat(args.max_patches))])
-        sites = whitened(sites, [], args.max_patches, args.seed, args.whitening)
+        whitening = Whitening.from_moments([feature_moments(sites[0].flat(args.max_patches,
+                                                                          seed=args.seed))])
+        if args.whitening:
+            sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
         for variant in variants(sites[0].flat().shape[0], args.max_patches):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
