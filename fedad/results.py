@@ -61,8 +61,10 @@ class ResultsWriter:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         self.rows = [r for r in self.rows if int(r["round"]) != server_round]
         self.rows.append({"round": server_round, **scalars})
+        rows = [{k: int(v) if k == "round" else float(v) for k, v in row.items()}
+                for row in self.rows]  # rounds.csv as of this checkpoint, restored on resume
         checkpoint = {"round": server_round, "state_dict": state,
-                      "strategy": strategy_state or {}}
+                      "strategy": strategy_state or {}, "rows": rows}
         _atomic(self.checkpoints / f"round-{server_round:03d}.pt",
                 lambda path: torch.save(checkpoint, path))
         _atomic(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
@@ -70,12 +72,16 @@ class ResultsWriter:
                 lambda path: pd.DataFrame(self.rows).to_csv(path, index=False))
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict]:
-        """(round, model state dict, strategy state) of the newest checkpoint."""
+        """(round, model state dict, strategy state) of the newest checkpoint; the recorded
+        rounds become those of the checkpoint (a run killed between writing its checkpoint and
+        rounds.csv loses no row)."""
         path = self.checkpoints / "latest.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
         checkpoint = torch.load(path, weights_only=True)
-        return int(checkpoint["round"]), checkpoint["state_dict"], checkpoint.get("strategy", {})
+        done = int(checkpoint["round"])
+        self.rows = checkpoint.get("rows") or [r for r in self.rows if int(r["round"]) <= done]
+        return done, checkpoint["state_dict"], checkpoint.get("strategy", {})
 
     def write_client_weights(self, rows: list[dict[str, Any]]) -> None:
         """aggregation_weights.csv (round, node, partition, weight and its factors) and its

@@ -10,12 +10,14 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 import fedad.inprocess
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
 from fedad.federation import run_federated
 from fedad.inprocess import InProcessGrid, run_in_process
+from fedad.results import ResultsWriter
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,17 @@ def test_a_killed_server_resumes_from_its_last_checkpoint(data_path, tmp_path):
         assert resumed["final"][metric] == pytest.approx(expected[metric], abs=1e-6), metric
     weights = pd.read_csv(results / "aggregation_weights.csv")
     assert sorted(weights["round"].unique()) == [1, 2, 3]
+
+
+def test_resume_restores_the_rounds_of_the_checkpoint_even_if_rounds_csv_lags(tmp_path):
+    writer = ResultsWriter(tmp_path)
+    for server_round in (1, 2):
+        writer.record_round(server_round, {"image_auroc": 0.5 + server_round / 10},
+                            {"w": torch.zeros(1)})
+    # killed after the checkpoint of round 2 but before rounds.csv got its row
+    pd.DataFrame(writer.rows[:1]).to_csv(tmp_path / "rounds.csv", index=False)
+    resumed = ResultsWriter(tmp_path, resume=True)
+    assert resumed.last_round == 1
+    done, _, _ = resumed.load_latest()
+    assert done == 2 and resumed.last_round == 2
+    assert [r["image_auroc"] for r in resumed.rows] == pytest.approx([0.6, 0.7])
