@@ -5,8 +5,8 @@ A fifth of each category's normal training images is held out; the Sinkhorn memo
 (HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
 nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
-whitened patch features (fedad.heads.whitening) at each image size. Only training images are
-read, so the same procedure serves real data.
+whitened patch features (fedad.heads.whitening) at each image size and set of backbone levels.
+Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
 """
@@ -14,7 +14,6 @@ read, so the same procedure serves real data.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -74,23 +73,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--feature-layers", nargs="+", default=[HeadSettings().feature_layers],
+                        help="backbone levels to compare, e.g. 2,3 1,2")
     parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.replace(HeadSettings(), max_patches=args.max_patches)
     rows = []
     for category in args.categories:
-        for image_size in args.image_sizes:
-            for whiten in (False, True):
-                rows.append({"category": category, "image_size": image_size,
-                             "features": "whitened" if whiten else "raw",
-                             **validate(category, image_size, whiten, settings, args.seed)})
-                log.info("%s", rows[-1])
+        for layers in args.feature_layers:
+            settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers)
+            for image_size in args.image_sizes:
+                for whiten in (False, True):
+                    rows.append({"category": category, "layers": layers,
+                                 "image_size": image_size,
+                                 "features": "whitened" if whiten else "raw",
+                                 **validate(category, image_size, whiten, settings, args.seed)})
+                    log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    means = table.groupby(["image_size", "features"], as_index=False).mean(numeric_only=True)
+    means = table.groupby(["layers", "image_size", "features"], as_index=False).mean(
+        numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)
     print(table.to_markdown(index=False, floatfmt=".3f"))
