@@ -115,8 +115,7 @@ def create_classifier(name: str, num_classes: int) -> nn.Module:
     """
     if name != "lite0":
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
-    model.load_state_dict(packaged_lite0_state_dict())
+    model = pretrained_lite0_classifier().train()
     model.reset_classifier(num_classes)
     return ImageNetInput(model)
 
