@@ -217,9 +217,10 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
                                     image_size=image_size)
         sites, test = category_patches(category, image_size, 1, args.seed, extractor)
-        whitening = Whitening.from_moments([feature_moments(sites[0].flat(args.max_patches,
-                                                                          seed=args.seed))])
+        whitening = None
         if args.whitening:
+            whitening = Whitening.from_moments([feature_moments(
+                sites[0].flat(args.max_patches, seed=args.seed))])
             sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
         for variant in variants(sites[0].flat().shape[0], args.max_patches):
             payload = fit(variant, sites, args.seed, 1)
@@ -230,7 +231,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
             for image in images:
                 t0 = time.perf_counter()
                 features = extractor(image)
-                if args.whitening:
+                if whitening is not None:
                     features = whitening.apply(features)
                 maps = anomaly_maps(head, payload, features, image_size,
                                     variant.settings.map_sigma)

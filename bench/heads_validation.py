@@ -47,9 +47,10 @@ def validation_split(category: str, image_size: int, seed: int
     return [train[i] for i in order[held:]], normals, anomalous, masks
 
 
-def validate(category: str, image_size: int, whiten: bool, settings: HeadSettings,
-             seed: int) -> dict[str, float]:
-    """Validation image / pixel AUROC of the Sinkhorn bank on one category."""
+def validate(category: str, image_size: int, settings: HeadSettings, seed: int
+             ) -> list[dict[str, float | str]]:
+    """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
+    whitened features (extracted once)."""
     fit, normals, anomalous, masks = validation_split(category, image_size, seed)
     extractor = build_extractor("lite0", layers=settings.layers(),
                                 neighbourhood=settings.feature_neighbourhood,
@@ -57,15 +58,18 @@ def validate(category: str, image_size: int, whiten: bool, settings: HeadSetting
     bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
     with torch.no_grad():
         features = extractor(torch.cat([normals, anomalous]))
-    if whiten:
-        whitening = Whitening.from_moments([feature_moments(bank)])
-        bank, features = whitening.apply(bank), whitening.apply(features)
-    head = MemoryBankHead(settings, bank.shape[1], seed)
-    maps = anomaly_maps(head, head.fit_local(bank), features, image_size, settings.map_sigma)
     labels = np.r_[np.zeros(len(normals)), np.ones(len(anomalous))]
     truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-    return {"val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
-            "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))}
+    whitening = Whitening.from_moments([feature_moments(bank)])
+    rows = []
+    for name, transform in (("raw", lambda f: f), ("whitened", whitening.apply)):
+        head = MemoryBankHead(settings, bank.shape[1], seed)
+        maps = anomaly_maps(head, head.fit_local(transform(bank)), transform(features),
+                            image_size, settings.map_sigma)
+        rows.append({"features": name,
+                     "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
+                     "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
+    return rows
 
 
 def main() -> None:
@@ -86,11 +90,9 @@ def main() -> None:
         for layers in args.feature_layers:
             settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers)
             for image_size in args.image_sizes:
-                for whiten in (False, True):
+                for result in validate(category, image_size, settings, args.seed):
                     rows.append({"category": category, "layers": layers,
-                                 "image_size": image_size,
-                                 "features": "whitened" if whiten else "raw",
-                                 **validate(category, image_size, whiten, settings, args.seed)})
+                                 "image_size": image_size, **result})
                     log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
     means = table.groupby(["layers", "image_size", "features"], as_index=False).mean(

@@ -6,8 +6,8 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedad.heads.payload import PayloadError, payload_from_record
-from fedad.heads.whitening import SHRINKAGE, Whitening, check_moments, feature_moments
+from fedad.heads.payload import PayloadError, check_moments, payload_from_record
+from fedad.heads.whitening import SHRINKAGE, Whitening, feature_moments
 
 DIM = 6
 

@@ -10,6 +10,7 @@ patch features and images never do: no kind has an array with one row per patch 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "feature-moments": {"mean": ("D",), "second": ("D", "D")},
 }
 """Array names and shape templates of each payload kind."""
+
 
 
 class PayloadError(ValueError):
@@ -58,6 +60,22 @@ class Payload:
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(self.arrays[key]).tobytes())
         return digest.hexdigest()[:16]
+
+
+def check_moments(payload: Payload) -> None:
+    """PayloadError unless a ``feature-moments`` payload describes a real covariance:
+    E[x x^T] - mean mean^T must be symmetric and positive semi-definite (up to rounding)."""
+    mean, second = payload.arrays["mean"].astype(np.float64), payload.arrays["second"]
+    covariance = second.astype(np.float64) - np.outer(mean, mean)
+    scale = max(float(np.abs(second).max()), 1e-12)
+    if np.abs(covariance - covariance.T).max() > 1e-6 * scale:
+        raise PayloadError("feature-moments payload: the second moment is not symmetric")
+    if np.linalg.eigvalsh((covariance + covariance.T) / 2).min() < -1e-6 * scale:
+        raise PayloadError("feature-moments payload: not a covariance (negative variance)")
+
+
+CHECKS: dict[str, Callable[[Payload], None]] = {"feature-moments": check_moments}
+"""Checks of a kind's content beyond shapes and finiteness, run on arrival."""
 
 
 def payload_from_record(content: RecordDict, kind: str, sizes: dict[str, int],
@@ -95,4 +113,7 @@ def payload_from_record(content: RecordDict, kind: str, sizes: dict[str, int],
     count = content.metric_records.get("metrics", {}).get("num-examples", 0)
     if not isinstance(count, int | float) or not count > 0:
         raise PayloadError(f"{kind} payload: num-examples={count!r} must be > 0")
-    return Payload(kind, arrays, int(count))
+    payload = Payload(kind, arrays, int(count))
+    if kind in CHECKS:
+        CHECKS[kind](payload)
+    return payload

@@ -36,18 +36,6 @@ def feature_moments(features: torch.Tensor) -> Payload:
                                        "second": (x.T @ x / len(x)).numpy()}, len(x))
 
 
-def check_moments(payload: Payload) -> None:
-    """PayloadError unless the moments describe a real covariance: E[x x^T] - mean mean^T must
-    be symmetric and positive semi-definite (up to rounding)."""
-    mean, second = payload.arrays["mean"].astype(np.float64), payload.arrays["second"]
-    covariance = second.astype(np.float64) - np.outer(mean, mean)
-    scale = max(float(np.abs(second).max()), 1e-12)
-    if np.abs(covariance - covariance.T).max() > 1e-6 * scale:
-        raise PayloadError("feature-moments payload: the second moment is not symmetric")
-    if np.linalg.eigvalsh((covariance + covariance.T) / 2).min() < -1e-6 * scale:
-        raise PayloadError("feature-moments payload: not a covariance (negative variance)")
-
-
 @dataclass(frozen=True)
 class Whitening:
     """f -> (f - mean) @ matrix for patch features; ``matrix`` [D, D] is symmetric."""

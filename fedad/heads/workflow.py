@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -33,7 +32,7 @@ from fedad.heads.scoring import (
     extract_patches,
     image_scores,
 )
-from fedad.heads.whitening import Whitening, check_moments
+from fedad.heads.whitening import Whitening
 from fedad.metrics import anomaly_metrics
 from fedad.payloads import check_metrics
 from fedad.results import ResultsWriter
@@ -70,17 +69,15 @@ class HeadRound:
 
     def agree_whitening(self) -> Whitening:
         """The global whitening from the sites' feature moments (logged as round 0)."""
-        payloads = self._accepted("query.feature_moments", RecordDict(), "feature-moments", 0,
-                                  check_moments)
+        payloads = self._accepted("query.feature_moments", RecordDict(), "feature-moments", 0)
         if not payloads:
             raise RuntimeError("whitening: no site sent usable feature moments")
         self.whitening = Whitening.from_moments(payloads)
         return self.whitening
 
-    def _accepted(self, message_type: str, content: RecordDict, kind: str, server_round: int,
-                  check: Callable[[Payload], None] | None = None) -> list[Payload]:
-        """Send ``content`` to every site; their replies of ``kind`` that pass the payload
-        checks and ``check`` (which raises PayloadError)."""
+    def _accepted(self, message_type: str, content: RecordDict, kind: str,
+                  server_round: int) -> list[Payload]:
+        """Send ``content`` to every site; their replies of ``kind`` that pass the checks."""
         accepted = []
         for reply in self._send(message_type, content, server_round):
             row = {"round": server_round, "node": reply.metadata.src_node_id, "kind": kind}
@@ -93,8 +90,6 @@ class HeadRound:
                 try:
                     payload = payload_from_record(reply.content, kind, self.head.sizes,
                                                   self.head.reference_shapes(kind))
-                    if check is not None:
-                        check(payload)
                 except PayloadError as err:
                     row.update(accepted=False, reason=str(err))
                 else:
