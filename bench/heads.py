@@ -27,9 +27,8 @@ import torch
 from fedad.config import ExperimentConfig
 from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
 from fedad.experiment import prepare_data
-from fedad.heads.features import build_extractor
 from fedad.heads.payload import Payload
-from fedad.heads.registry import HEADS
+from fedad.heads.registry import HEADS, settings_extractor
 from fedad.heads.scoring import (
     PatchSet,
     ScoreScale,
@@ -41,6 +40,8 @@ from fedad.heads.scoring import (
 from fedad.heads.settings import HeadSettings
 from fedad.heads.whitening import Whitening, feature_moments
 from fedad.heads.workflow import evaluate_head
+from fedad.metrics import defect_type_table
+from fedad.train.predictions import Predictions
 
 log = logging.getLogger("bench.heads")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -74,8 +75,9 @@ def variants(num_train_patches: int, max_patches: int) -> list[Variant]:
 
 
 def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: PatchSet,
-             image_size: int, seed: int) -> dict[str, float]:
-    """Test metrics of ``payload``, calibrated on the sites' normal training images."""
+             image_size: int, seed: int) -> tuple[dict[str, float], Predictions]:
+    """Test metrics and predictions of ``payload``, calibrated on the sites' normal training
+    images."""
     head = HEADS[variant.method](variant.settings, test.features.shape[1], seed)
     moments = []
     for site in sites:
@@ -84,8 +86,9 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
     cfg = ExperimentConfig(method=variant.method, image_size=image_size, seed=seed,
                            extra={k.replace("_", "-"): v for k, v in
                                   dataclasses.asdict(variant.settings).items()})
-    metrics, _ = evaluate_head(head, payload, test, ScoreScale.from_moments(moments), cfg)
-    return {k: metrics[k] for k in METRICS}
+    metrics, predictions = evaluate_head(head, payload, test, ScoreScale.from_moments(moments),
+                                         cfg)
+    return {k: metrics[k] for k in METRICS}, predictions
 
 
 def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int) -> Payload:
@@ -103,15 +106,16 @@ def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int) -> Payl
 
 
 def category_patches(category: str, image_size: int, num_sites: int, seed: int,
-                     extractor) -> tuple[list[PatchSet], PatchSet]:
-    """Normal training patches of each IID site and the test patches of one category."""
+                     extractor) -> tuple[list[PatchSet], PatchSet, tuple[str, ...]]:
+    """Normal training patches of each IID site, the test patches of one category and its
+    defect types (the names of the test patches' defect classes)."""
     cfg = ExperimentConfig(category=category, image_size=image_size, seed=seed,
                            min_train_nodes=1)
     data = prepare_data(cfg, num_sites)
     sites = [extract_patches(extractor, [s for s in data.samples(i, "train") if s.label == 0],
                              image_size) for i in range(num_sites)]
     test = extract_patches(extractor, data.samples(-1, "test"), image_size, data.defect_types)
-    return sites, test
+    return sites, test, data.defect_types
 
 
 def whitened(fit_sites: list[PatchSet], others: list[PatchSet], max_patches: int, seed: int,
@@ -133,13 +137,15 @@ def pooled(sites: list[PatchSet]) -> PatchSet:
                       for k in ("labels", "defect_classes", "masks", "images")))
 
 
-def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, dict]:
-    """Centralized / federated rows per category and head, and each category's patches."""
-    rows, patches = [], {}
+def run_categories(args: argparse.Namespace, extractor
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Centralized / federated rows per category and head, the same per defect type (image
+    AUROC against the good images, share flagged), and each category's patches."""
+    rows, type_rows, patches = [], [], {}
     for category in args.categories:
         started = time.perf_counter()
-        sites, test = category_patches(category, args.image_size, args.sites, args.seed,
-                                       extractor)
+        sites, test, types = category_patches(category, args.image_size, args.sites, args.seed,
+                                              extractor)
         patches[category] = (sites, test)
         *sites, test = whitened(sites, [test], args.max_patches, args.seed, args.whitening)
         log.info("%s: features of %d + %d images in %.1f s", category,
@@ -156,12 +162,15 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[pd.DataFrame, d
             for label, data, rounds in settings:
                 t0 = time.perf_counter()
                 payload = fit(variant, data, args.seed, rounds)
-                row = {"category": category, "head": variant.name, "setting": label,
-                       **evaluate(variant, payload, sites, test, args.image_size, args.seed),
-                       "fit_s": round(time.perf_counter() - t0, 1)}
-                log.info("%s", row)
-                rows.append(row)
-    return pd.DataFrame(rows), patches
+                metrics, predictions = evaluate(variant, payload, sites, test, args.image_size,
+                                                args.seed)
+                key = {"category": category, "head": variant.name, "setting": label}
+                rows.append({**key, **metrics, "fit_s": round(time.perf_counter() - t0, 1)})
+                log.info("%s", rows[-1])
+                type_rows += [{**key, **r} for r in defect_type_table(
+                    predictions.labels, predictions.defect_classes, predictions.image_scores,
+                    types)]
+    return pd.DataFrame(rows), pd.DataFrame(type_rows), patches
 
 
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
@@ -184,7 +193,7 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
                                   for site in member_sites])
             rows.append({"category": target, "head": variant.name, "setting": label,
                          **evaluate(variant, payload, member_sites, test, args.image_size,
-                                    args.seed)})
+                                    args.seed)[0]})
             log.info("%s", rows[-1])
     return pd.DataFrame(rows)
 
@@ -203,7 +212,7 @@ def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
                 payload = fit(variant, data, args.seed, 1)
                 rows.append({"category": category, "K": k, "setting": label,
                              **evaluate(variant, payload, sites, test, args.image_size,
-                                        args.seed)})
+                                        args.seed)[0]})
                 log.info("%s", rows[-1])
     return pd.DataFrame(rows)
 
@@ -214,9 +223,8 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     rows = []
     category = args.categories[0]
     for image_size in (128, 224):
-        extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
-                                    image_size=image_size)
-        sites, test = category_patches(category, image_size, 1, args.seed, extractor)
+        extractor = settings_extractor(args.feature_settings, image_size)
+        sites, test, _ = category_patches(category, image_size, 1, args.seed, extractor)
         whitening = None
         if args.whitening:
             whitening = Whitening.from_moments([feature_moments(
@@ -263,7 +271,10 @@ def main() -> None:
     parser.add_argument("--skip-cross-domain", action="store_true")
     parser.add_argument("--no-whitening", dest="whitening", action="store_false",
                         help="heads on raw patch features (feature-whitening=false)")
+    parser.add_argument("--feature-padding", type=int, default=HeadSettings().feature_padding,
+                        help="reflect padding of the images before the backbone, pixels")
     args = parser.parse_args()
+    args.feature_settings = HeadSettings(feature_padding=args.feature_padding)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -273,10 +284,10 @@ def main() -> None:
         print(pd.read_csv(args.out / "latency.csv").to_markdown(index=False))
     if args.skip_categories:
         return
-    extractor = build_extractor("lite0", layers=HeadSettings().layers(), neighbourhood=3,
-                                image_size=args.image_size)
-    table, patches = run_categories(args, extractor)
+    extractor = settings_extractor(args.feature_settings, args.image_size)
+    table, per_type, patches = run_categories(args, extractor)
     table.to_csv(args.out / "heads.csv", index=False)
+    per_type.to_csv(args.out / "defect_types.csv", index=False)
     if len(patches) > 1 and not args.skip_cross_domain:
         run_cross_domain(args, patches).to_csv(args.out / "cross_domain.csv", index=False)
     if not args.skip_ablation:
@@ -285,6 +296,12 @@ def main() -> None:
         path = args.out / f"{name}.csv"
         if path.exists():
             print(f"\n## {name}\n" + pd.read_csv(path).to_markdown(index=False, floatfmt=".3f"))
+    bank = per_type.query("head == 'bank-sinkhorn' and setting.str.endswith('1 round')",
+                          engine="python") if len(per_type) else per_type
+    if len(bank):
+        print("\n## image AUROC per defect type (bank-sinkhorn, federated, 1 round)\n"
+              + bank.pivot(index="category", columns="defect_type", values="image_auroc")
+              .drop(columns="good").to_markdown(floatfmt=".2f"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ A fifth of each category's normal training images is held out; the Sinkhorn memo
 (HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
 nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
-whitened patch features (fedad.heads.whitening) at each image size and set of backbone levels.
+whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels and
+reflect padding of the image (feature-padding).
 Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
@@ -14,6 +15,7 @@ Only training images are read, so the same procedure serves real data.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
-from fedad.heads.features import build_extractor
 from fedad.heads.memory_bank import MemoryBankHead
+from fedad.heads.registry import settings_extractor
 from fedad.heads.scoring import anomaly_maps, extract_patches, image_scores
 from fedad.heads.settings import HeadSettings
 from fedad.heads.whitening import Whitening, feature_moments
@@ -52,9 +54,7 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
     whitened features (extracted once)."""
     fit, normals, anomalous, masks = validation_split(category, image_size, seed)
-    extractor = build_extractor("lite0", layers=settings.layers(),
-                                neighbourhood=settings.feature_neighbourhood,
-                                image_size=image_size)
+    extractor = settings_extractor(settings, image_size)
     bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
     with torch.no_grad():
         features = extractor(torch.cat([normals, anomalous]))
@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
     parser.add_argument("--feature-layers", nargs="+", default=[HeadSettings().feature_layers],
                         help="backbone levels to compare, e.g. 2,3 1,2")
+    parser.add_argument("--feature-paddings", nargs="+", type=int,
+                        default=[HeadSettings().feature_padding],
+                        help="reflect paddings to compare, pixels, e.g. 0 32")
     parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -87,15 +90,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for category in args.categories:
-        for layers in args.feature_layers:
-            settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers)
-            for image_size in args.image_sizes:
-                for result in validate(category, image_size, settings, args.seed):
-                    rows.append({"category": category, "layers": layers,
-                                 "image_size": image_size, **result})
-                    log.info("%s", rows[-1])
+        for layers, padding, image_size in itertools.product(
+                args.feature_layers, args.feature_paddings, args.image_sizes):
+            settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers,
+                                    feature_padding=padding)
+            for result in validate(category, image_size, settings, args.seed):
+                rows.append({"category": category, "layers": layers, "padding": padding,
+                             "image_size": image_size, **result})
+                log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    means = table.groupby(["layers", "image_size", "features"], as_index=False).mean(
+    means = table.groupby(["layers", "padding", "image_size", "features"], as_index=False).mean(
         numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)

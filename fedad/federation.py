@@ -86,7 +86,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig) -> dict:
                 row[key if key.startswith(prefix) else f"{prefix}_{key}"] = value
         results.record_round(absolute_round, row, trainable_state_dict(model),
                              strategy.state_dict())
-        results.write_scores(predictions)
+        results.write_scores(predictions, data.defect_types)
         results.write_client_weights(strategy.client_weights)
         if cfg.plot_every_round or absolute_round == cfg.num_server_rounds:
             results.plot(absolute_round, predictions)

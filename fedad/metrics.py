@@ -10,6 +10,7 @@ false positives with the threshold lowered from the highest score, one point per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,6 +209,39 @@ def anomaly_metrics(
         "pixel_f1_max": _f1_max(pixel),
         "aupro": aupro(masks, maps),
     }
+
+
+def defect_type_table(labels: np.ndarray, defect_classes: np.ndarray, image_scores: np.ndarray,
+                      defect_types: Sequence[str], threshold: float = 0.5) -> list[dict]:
+    """Image-level results per defect type: which kinds of defect a detector finds.
+
+    Args:
+        labels: [N] {0,1}; defect_classes: [N] indices into ``defect_types`` (0 = "good");
+        image_scores: [N] calibrated scores, ``threshold`` being the decision threshold.
+    Returns:
+        one row per type present: ``defect_type``, ``images``, ``flagged`` (share of its images
+        scored >= threshold: the false-positive rate for "good", the recall for a defect) and
+        ``image_auroc`` (that type's images against all good images; NaN for "good" or when
+        there are no good images).
+    """
+    labels, image_scores = np.asarray(labels), np.asarray(image_scores)
+    defect_classes = np.asarray(defect_classes)
+    _check_same_shape(labels, image_scores, "labels", "image_scores", ndim=1)
+    _check_same_shape(labels, defect_classes, "labels", "defect_classes", ndim=1)
+    _check_finite(image_scores, "image_scores")
+    good = labels == 0
+    rows = []
+    for index in np.unique(defect_classes):
+        if not 0 <= index < len(defect_types):
+            raise ValueError(f"defect class {index} not among {len(defect_types)} defect types")
+        members = defect_classes == index
+        versus = members | good
+        rows.append({
+            "defect_type": defect_types[index], "images": int(members.sum()),
+            "flagged": float((image_scores[members] >= threshold).mean()),
+            "image_auroc": auroc(labels[versus], image_scores[versus]) if index else float("nan"),
+        })
+    return rows
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ExperimentConfig
+from fedad.metrics import defect_type_table
 from fedad.plots import (
     pick_grid_indices,
     plot_anomaly_grid,
@@ -92,12 +93,16 @@ class ResultsWriter:
         table.to_csv(self.root / "aggregation_weights.csv", index=False)
         plot_client_weights(table, self.plots / "aggregation_weights.png")
 
-    def write_scores(self, predictions: Predictions) -> None:
+    def write_scores(self, predictions: Predictions, defect_types: Sequence[str]) -> None:
         """scores.npz: the test split's labels [N], defect classes [N] and image scores [N] of
-        the latest round (ROC curves and tables are rebuilt from it)."""
+        the latest round (ROC curves and tables are rebuilt from it), and defect_types.csv:
+        per defect type, the share flagged and the image AUROC against the good images."""
         np.savez(self.root / "scores.npz", labels=predictions.labels,
                  defect_classes=predictions.defect_classes,
                  image_scores=predictions.image_scores)
+        pd.DataFrame(defect_type_table(predictions.labels, predictions.defect_classes,
+                                       predictions.image_scores, defect_types)).to_csv(
+            self.root / "defect_types.csv", index=False)
 
     def plot(self, server_round: int, predictions: Predictions) -> None:
         """Metrics-per-round curve and the anomaly-map grid of this round."""

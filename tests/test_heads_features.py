@@ -25,6 +25,28 @@ def test_neighbourhood_aggregation_smooths_features():
         build_extractor("lite0", layers=(2,), neighbourhood=2, image_size=64)
 
 
+def test_reflect_padding_keeps_the_grid_and_brings_border_patches_near_the_interior():
+    # Stationary noise: every patch of the image looks alike, so border patch features should
+    # lie near the interior ones; the backbone's zero padding pushes them far away, mirroring
+    # the image outwards first brings them much closer.
+    torch.manual_seed(0)
+    noise = torch.rand(1, 3, 128, 128) * 0.2 + 0.4
+
+    def border_distance(padding: int) -> float:
+        features = build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=128,
+                                   padding=padding)(noise)[0]
+        assert features.shape == (152, 16, 16)
+        interior = features[:, 4:12, 4:12].mean((1, 2))[:, None]
+        border = torch.cat([features[:, :, 0], features[:, :, -1], features[:, 0],
+                            features[:, -1]], dim=1)
+        return float((border - interior).norm(dim=0).mean())
+
+    assert border_distance(32) < 0.6 * border_distance(0)
+    with pytest.raises(ValueError, match="feature-padding=12"):
+        build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=128,
+                        padding=12)(noise)
+
+
 def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     torch.save(model.state_dict(), tmp_path / "resnet18.pt")

@@ -48,6 +48,10 @@ def test_two_rounds_write_the_results_folder_and_only_statistics_cross(dataset, 
         assert (results / name).is_file(), name
     rounds = pd.read_csv(results / "rounds.csv")
     assert rounds["round"].tolist() == [1, 2]
+    per_type = pd.read_csv(results / "defect_types.csv").set_index("defect_type")
+    scores = np.load(results / "scores.npz")
+    assert per_type["images"].sum() == len(scores["labels"]) and "good" in per_type.index
+    assert per_type.drop(index="good")["image_auroc"].between(0, 1).all()
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         assert metric in METRIC_NAMES and rounds[metric].between(0, 1).all()
     rows = crossings(results)

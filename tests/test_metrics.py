@@ -15,6 +15,7 @@ from fedad.metrics import (
     auroc,
     average_precision,
     class_accuracy,
+    defect_type_table,
     f1_max,
 )
 
@@ -188,3 +189,24 @@ def test_aupro_rejects_bad_inputs() -> None:
         aupro(np.ones((1, 2, 2)), np.full((1, 2, 2), np.nan))
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro(np.ones((1, 2, 2)), np.ones((1, 2, 2)), fpr_limit=0.0)
+
+
+def test_defect_type_table_scores_each_type_against_the_good_images():
+    rng = np.random.default_rng(0)
+    types = ("good", "crack", "stain", "hole")
+    classes = np.repeat([0, 1, 2], [20, 10, 10])  # no "hole" images: no row for it
+    labels = (classes > 0).astype(int)
+    scores = np.where(classes == 1, rng.uniform(0.6, 1.0, 40),  # cracks: all above the goods
+                      rng.uniform(0.0, 0.55, 40))  # stains: mixed in with the goods
+    rows = {r["defect_type"]: r for r in defect_type_table(labels, classes, scores, types)}
+    assert set(rows) == {"good", "crack", "stain"}
+    assert [rows[t]["images"] for t in ("good", "crack", "stain")] == [20, 10, 10]
+    assert rows["crack"]["image_auroc"] == 1.0 and rows["crack"]["flagged"] == 1.0
+    stain = classes == 2
+    versus = stain | (classes == 0)
+    assert rows["stain"]["image_auroc"] == pytest.approx(roc_auc_score(stain[versus],
+                                                                       scores[versus]))
+    assert rows["good"]["flagged"] == pytest.approx((scores[classes == 0] >= 0.5).mean())
+    assert np.isnan(rows["good"]["image_auroc"])
+    with pytest.raises(ValueError, match="defect class 3"):
+        defect_type_table(labels, np.where(classes == 2, 3, classes), scores, types[:3])

@@ -34,7 +34,7 @@ def test_two_client_two_round_simulation_completes_and_writes_results(tmp_path):
     assert stop_local_superlink(tmp_path / "flwr-home") == [], "SuperLink left running"
 
     for name in ("config.yaml", "partitions.csv", "rounds.csv", "summary.json", "payloads.jsonl",
-                 "checkpoints/round-001.pt", "checkpoints/round-002.pt",
+                 "defect_types.csv", "checkpoints/round-001.pt", "checkpoints/round-002.pt",
                  "plots/metrics_per_round.png", "plots/anomaly_maps.png"):
         assert (results / name).is_file(), f"{name} missing from {results}"
 

@@ -9,7 +9,10 @@ Three sources, one output form ``[B, D, h, w]`` at the stride of the finest chos
 
 Each level is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
 aggregation: a patch feature sees its surroundings), resized to the finest level and the levels
-are concatenated along channels.
+are concatenated along channels. With ``padding`` the image is first mirrored outwards by that
+many pixels and the maps are cropped back to the image, so that patches at the image border see
+mirrored content rather than the backbone's zero padding (whose artefacts otherwise put the
+maximum of a normal image's anomaly map on its border).
 """
 
 from __future__ import annotations
@@ -32,17 +35,23 @@ class PatchFeatureExtractor(nn.Module):
         levels: a module mapping images [B, 3, H, W] in [0, 1] to a list of maps [B, C_i, ...].
         channels: C_i of each level (their sum is the feature width D).
         neighbourhood: side of the averaging window (odd; 1 = no aggregation).
+        padding: pixels of reflect padding around the image (a multiple of the coarsest
+            level's stride, less than the image side; 0 = none).
     """
 
-    def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3) -> None:
+    def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3,
+                 padding: int = 0) -> None:
         super().__init__()
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"feature-neighbourhood={neighbourhood}: must be odd and >= 1")
+        if padding < 0:
+            raise ValueError(f"feature-padding={padding}: must be >= 0")
         self.levels = levels.eval()
         for param in self.levels.parameters():
             param.requires_grad_(False)
         self.dim = int(sum(channels))
         self.neighbourhood = neighbourhood
+        self.padding = padding
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """The extractor is always frozen (eval mode)."""
@@ -53,21 +62,27 @@ class PatchFeatureExtractor(nn.Module):
         """images [B, 3, H, W] in [0, 1] -> patch features [B, D, h, w] (finest chosen level)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W], got {list(images.shape)}")
-        maps = self.levels(images)
-        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0])
-        pad = self.neighbourhood // 2
-        pooled = [
-            F.interpolate(
-                F.avg_pool2d(m, self.neighbourhood, stride=1, padding=pad,
-                             count_include_pad=False),
-                size=size, mode="bilinear", align_corners=False)
-            for m in maps
-        ]
-        features = torch.cat(pooled, dim=1)
+        if self.padding:
+            images = F.pad(images, (self.padding,) * 4, mode="reflect")
+        window = self.neighbourhood // 2
+        pooled = [self._crop(F.avg_pool2d(m, self.neighbourhood, stride=1, padding=window,
+                                          count_include_pad=False), images.shape[-1])
+                  for m in self.levels(images)]
+        size = max((m.shape[-2:] for m in pooled), key=lambda s: s[0])
+        features = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                              for m in pooled], dim=1)
         if features.shape[1] != self.dim or not torch.isfinite(features).all():
             raise FloatingPointError(f"patch features: width {features.shape[1]} (expected "
                                      f"{self.dim}) or non-finite values")
         return features
+
+    def _crop(self, level: torch.Tensor, padded_side: int) -> torch.Tensor:
+        """A level's map [B, C, h, w] of the padded image, cropped back to the image."""
+        cells, rest = divmod(self.padding * level.shape[-1], padded_side)
+        if rest:
+            raise ValueError(f"feature-padding={self.padding}: not a multiple of this level's "
+                             f"stride ({padded_side // level.shape[-1]} px)")
+        return level[..., cells:level.shape[-2] - cells, cells:level.shape[-1] - cells]
 
 
 class MSVTStages(nn.Module):
@@ -107,7 +122,8 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
 
 
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
-                    checkpoint: str = "", msvt_backbone: str = "lite0") -> PatchFeatureExtractor:
+                    checkpoint: str = "", msvt_backbone: str = "lite0",
+                    padding: int = 0) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0``, a timm name, or ``msvt``).
 
     Args:
@@ -115,13 +131,14 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         checkpoint: weights file: a full timm state dict for a timm name, an MSVT checkpoint
             for ``msvt``; unused for ``lite0`` (the packaged weights).
         msvt_backbone: the stem backbone the MSVT was trained with.
+        padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`).
     """
     if source == "msvt":
         if not checkpoint:
             raise BackboneError("feature-source='msvt' needs feature-checkpoint (an MSVT .pt)")
         model = load_msvt(checkpoint, image_size, msvt_backbone)
         dims = [model.stages[i].norm.normalized_shape[0] for i in layers]
-        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood)
+        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood, padding)
     backbone: FeatureBackbone = create_backbone(
         source, pretrained=source == "lite0", checkpoint=checkpoint or None, out_indices=layers)
-    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood)
+    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding)

@@ -22,14 +22,19 @@ def head_settings(cfg: ExperimentConfig) -> HeadSettings:
     return cfg.section(HeadSettings)
 
 
+def settings_extractor(settings: HeadSettings, image_size: int,
+                       msvt_backbone: str = "lite0") -> PatchFeatureExtractor:
+    """The patch feature extractor ``settings`` describe, for images of ``image_size``."""
+    return build_extractor(settings.feature_source, layers=settings.layers(),
+                           neighbourhood=settings.feature_neighbourhood, image_size=image_size,
+                           checkpoint=settings.feature_checkpoint, msvt_backbone=msvt_backbone,
+                           padding=settings.feature_padding)
+
+
 @functools.lru_cache(maxsize=2)
 def extractor_for(cfg: ExperimentConfig) -> PatchFeatureExtractor:
     """The run's patch feature extractor (built once per process)."""
-    settings = head_settings(cfg)
-    return build_extractor(settings.feature_source, layers=settings.layers(),
-                           neighbourhood=settings.feature_neighbourhood,
-                           image_size=cfg.image_size, checkpoint=settings.feature_checkpoint,
-                           msvt_backbone=cfg.backbone)
+    return settings_extractor(head_settings(cfg), cfg.image_size, cfg.backbone)
 
 
 def head_for(cfg: ExperimentConfig) -> FeatureHead:

@@ -3,8 +3,8 @@
 Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
 upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
 ImageNet backbone with a 3 x 3 neighbourhood and sigma = 4 (PatchCore's defaults). Feature
-whitening was chosen on a validation split of synthetic anomalies on held-out training
-normals, never on test images (BENCHMARKS.md, feature heads).
+whitening and the reflect padding of the image were chosen on a validation split of synthetic
+anomalies on held-out training normals, never on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class HeadSettings:
     feature_source: str = "lite0"  # lite0 | any timm name | msvt
     feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
     feature_neighbourhood: int = 3
+    feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
@@ -48,6 +49,7 @@ class HeadSettings:
             "num-prototypes": (self.num_prototypes >= 1, ">= 1"),
             "gmm-components": (self.gmm_components >= 1, ">= 1"),
             "max-patches": (self.max_patches >= 1, ">= 1"),
+            "feature-padding": (self.feature_padding >= 0, ">= 0"),
             "flow-blocks": (self.flow_blocks >= 1, ">= 1"),
             "flow-hidden": (self.flow_hidden >= 1, ">= 1"),
             "flow-epochs": (self.flow_epochs >= 1, ">= 1"),

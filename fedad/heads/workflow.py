@@ -172,7 +172,7 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
         state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
         results.record_round(server_round, {**metrics, "train_sites": float(len(payloads))},
                              state, {"scale": vars(scale), "kind": global_head.kind})
-        results.write_scores(predictions)
+        results.write_scores(predictions, data.defect_types)
         if cfg.plot_every_round or server_round == cfg.num_server_rounds:
             results.plot(server_round, predictions)
         results.write_jsonl("payloads.jsonl", exchange.crossings)
