@@ -42,9 +42,12 @@ def test_reflect_padding_keeps_the_grid_and_brings_border_patches_near_the_inter
         return float((border - interior).norm(dim=0).mean())
 
     assert border_distance(32) < 0.6 * border_distance(0)
-    with pytest.raises(ValueError, match="feature-padding=12"):
+    with pytest.raises(ValueError, match="feature-padding=12"):  # not a multiple of 16 px
         build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=128,
                         padding=12)(noise)
+    with pytest.raises(ValueError, match="feature-padding=128"):  # no smaller than the image
+        build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=128,
+                        padding=128)(noise)
 
 
 def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):

@@ -62,6 +62,9 @@ class PatchFeatureExtractor(nn.Module):
         """images [B, 3, H, W] in [0, 1] -> patch features [B, D, h, w] (finest chosen level)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected [B, 3, H, W], got {list(images.shape)}")
+        if self.padding >= min(images.shape[-2:]):
+            raise ValueError(f"feature-padding={self.padding}: must be less than the image side "
+                             f"({min(images.shape[-2:])} px)")
         if self.padding:
             images = F.pad(images, (self.padding,) * 4, mode="reflect")
         window = self.neighbourhood // 2
