@@ -80,3 +80,9 @@ def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
     assert not torch.allclose(features, again(images))
     with pytest.raises(BackboneError, match="feature-checkpoint"):
         build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64, checkpoint="")
+    with pytest.raises(BackboneError, match="feature-padding=32"):
+        build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64,
+                        checkpoint=str(path), msvt_backbone="none", padding=32)
+    with pytest.raises(BackboneError, match="feature-layers=2,3"):
+        build_extractor("msvt", layers=(2, 3), neighbourhood=3, image_size=64,
+                        checkpoint=str(path), msvt_backbone="none")

@@ -134,14 +134,22 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         checkpoint: weights file: a full timm state dict for a timm name, an MSVT checkpoint
             for ``msvt``; unused for ``lite0`` (the packaged weights).
         msvt_backbone: the stem backbone the MSVT was trained with.
-        padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`).
+        padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
+            0 for ``msvt``, whose token grid is built for exactly ``image_size``.
     """
     if source == "msvt":
         if not checkpoint:
             raise BackboneError("feature-source='msvt' needs feature-checkpoint (an MSVT .pt)")
+        if padding:
+            raise BackboneError(f"feature-padding={padding}: the MSVT takes images of exactly "
+                                "image-size pixels; set feature-padding=0 with "
+                                "feature-source='msvt'")
         model = load_msvt(checkpoint, image_size, msvt_backbone)
+        if not set(layers) <= set(range(len(model.stages))):
+            raise BackboneError(f"feature-layers={','.join(map(str, layers))}: the MSVT has "
+                                f"stages 0-{len(model.stages) - 1}")
         dims = [model.stages[i].norm.normalized_shape[0] for i in layers]
-        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood, padding)
+        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood)
     backbone: FeatureBackbone = create_backbone(
         source, pretrained=source == "lite0", checkpoint=checkpoint or None, out_indices=layers)
     return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding)
