@@ -85,6 +85,8 @@ def resume_run_config(results_dir: str, extra: str = "") -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from fedad.bench.report import is_sweep, run_report, sweep_report
     from fedad.bench.spec import SweepError
 
@@ -103,6 +105,10 @@ def _report(args: argparse.Namespace) -> int:
     summary = root / "summary.json"
     if summary.exists():
         print(json.dumps(json.loads(summary.read_text())["final"], indent=2))
+    per_type = root / "defect_types.csv"
+    if per_type.exists():
+        print("\nper defect type (last round):\n"
+              + pd.read_csv(per_type).to_markdown(index=False, floatfmt=".3f"))
     print("\n".join(f"wrote {path}" for path in plots))
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from fedad.cli import main
 from fedad.config import ExperimentConfig
 from fedad.results import ResultsWriter
+from fedad.train.predictions import Predictions
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,18 @@ def test_report_rebuilds_plots_from_a_results_folder(tmp_path, capsys):
     for r in (1, 2):
         writer.record_round(r, {"image_auroc": 0.5 + r / 10, "pixel_auroc": 0.7},
                             {"w": torch.zeros(2)})
+    labels = np.array([0, 0, 1, 1])
+    writer.write_scores(Predictions(labels, np.array([0, 0, 1, 2]), np.array([.1, .6, .9, .4]),
+                                    np.zeros((4, 8, 8)), np.zeros((4, 8, 8)),
+                                    np.zeros((4, 8, 8, 3))), ("good", "crack", "hole"))
     assert main(["report", str(tmp_path / "run")]) == 0
-    assert "image_auroc" in capsys.readouterr().out
-    assert (tmp_path / "run" / "plots" / "metrics_per_round.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "image_auroc" in out and "per defect type" in out
+    per_type = pd.read_csv(tmp_path / "run" / "defect_types.csv").set_index("defect_type")
+    assert per_type.loc["crack", "image_auroc"] == 1.0 and per_type.loc["hole", "flagged"] == 0
+    assert per_type.loc["good", "flagged"] == 0.5  # one of the two good images above 0.5
+    for path in ("plots/metrics_per_round.png", "plots/roc.png"):
+        assert (tmp_path / "run" / path).stat().st_size > 1000
 
 
 def test_report_on_a_folder_without_rounds_fails_clearly(tmp_path, capsys):
