@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from fedad.heads.clustering import greedy_coreset, kmeans, sinkhorn, sinkhorn_kmeans
+from fedad.heads.clustering import (
+    greedy_coreset,
+    kmeans,
+    relative_cost,
+    sinkhorn,
+    sinkhorn_kmeans,
+)
 
 MARGINAL_TOLERANCE = 0.011  # sinkhorn's default stopping rule: 1e-2 on the log scale
 
@@ -32,7 +38,7 @@ def test_sinkhorn_balances_prototypes_that_nearest_assignment_would_not():
     points, _ = blobs([540, 60])  # one dominant mode
     prototypes = sinkhorn_kmeans(points, 4, seed=0)
     cost = torch.cdist(points, prototypes).pow(2)
-    plan = sinkhorn(cost / cost.median(), torch.ones(len(points)), 0.05)
+    plan = sinkhorn(relative_cost(cost), torch.ones(len(points)), 0.05)
     assert (plan.sum(0) * 4 - 1).abs().max() < MARGINAL_TOLERANCE
     nearest_share = torch.bincount(cost.argmin(1), minlength=4) / len(points)
     assert nearest_share.min() > 0  # every prototype is used by the data
@@ -43,6 +49,26 @@ def test_both_clusterings_recover_well_separated_equal_clusters():
     for found in (sinkhorn_kmeans(points, 3, seed=0), kmeans(points, 3, seed=0)):
         assert found.shape == (3, 8) and torch.isfinite(found).all()
         assert torch.cdist(centres, found).amin(1).max() < 0.3
+
+
+def test_sinkhorn_prototypes_do_not_collapse_on_whitened_features():
+    # Whitened patch features are close to isotropic: every squared distance is about twice
+    # the dimension. Regularising relative to that distance made every prototype the mean;
+    # relative to the gaps between prototypes they spread like plain k-means'.
+    points = torch.randn(2000, 150, generator=torch.Generator().manual_seed(0))
+
+    def spread(prototypes: torch.Tensor) -> float:
+        k = len(prototypes)
+        return float(torch.cdist(prototypes, prototypes).sum() / (k * (k - 1)))
+
+    assert spread(sinkhorn_kmeans(points, 5, seed=0)) > 0.8 * spread(kmeans(points, 5, seed=0))
+
+
+def test_relative_cost_is_shift_free_per_row_and_scale_free():
+    cost = torch.rand(50, 6, generator=torch.Generator().manual_seed(2))
+    shifted = 3 * cost + torch.arange(50.0)[:, None]  # per-row offsets, global scale
+    assert torch.allclose(relative_cost(cost), relative_cost(shifted), atol=1e-5)
+    assert (relative_cost(cost).min(1).values == 0).all()
 
 
 def test_weights_act_as_repeated_points():

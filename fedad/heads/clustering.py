@@ -13,7 +13,7 @@ import math
 import torch
 
 SINKHORN_EPSILON = 0.05
-"""Entropy regularisation, relative to the median squared distance of a problem."""
+"""Entropy regularisation, relative to the median gap of a problem (:func:`relative_cost`)."""
 
 
 def _check_points(points: torch.Tensor, weights: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -64,6 +64,21 @@ def sinkhorn(cost: torch.Tensor, row_mass: torch.Tensor, epsilon: float,
     return torch.exp(log_kernel + u[:, None] + v[None, :])
 
 
+def relative_cost(cost: torch.Tensor) -> torch.Tensor:
+    """Cost [N, K] -> cost measured from each row's minimum, in units of the median of the
+    positive gaps (how much farther a point is from another prototype than from its nearest).
+
+    The Sinkhorn plan does not change when a row's cost moves by a constant, so only the
+    scale matters: dividing by the median *distance* instead makes the regularisation depend
+    on where the data lie. On whitened features, whose squared distances are all about twice
+    the dimension, that is far softer than the gaps between prototypes, and every prototype
+    collapses onto the mean (soft k-means above its critical temperature).
+    """
+    gaps = cost - cost.min(dim=1, keepdim=True).values
+    positive = gaps[gaps > 0]
+    return gaps / (positive.median() if len(positive) else 1.0)
+
+
 def sinkhorn_kmeans(points: torch.Tensor, k: int, *, weights: torch.Tensor | None = None,
                     iterations: int = 20, epsilon: float = SINKHORN_EPSILON,
                     seed: int = 0) -> torch.Tensor:
@@ -79,7 +94,7 @@ def sinkhorn_kmeans(points: torch.Tensor, k: int, *, weights: torch.Tensor | Non
     centres = kmeans_plus_plus(points, k, weights, generator)
     for _ in range(iterations):
         cost = torch.cdist(points, centres).pow(2)
-        plan = sinkhorn(cost / cost.median().clamp_min(1e-12), weights, epsilon)
+        plan = sinkhorn(relative_cost(cost), weights, epsilon)
         moved = (plan.T @ points) / plan.sum(0).clamp_min(1e-30)[:, None]
         shift = (moved - centres).norm(dim=1).max() / centres.norm(dim=1).mean().clamp_min(1e-12)
         centres = moved

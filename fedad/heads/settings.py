@@ -29,7 +29,7 @@ class HeadSettings:
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
     bank_clustering: str = "sinkhorn"
     num_prototypes: int = 30
-    sinkhorn_epsilon: float = 0.05
+    sinkhorn_epsilon: float = 0.05  # relative to the median cost gap (clustering.relative_cost)
     gmm_components: int = 5
     gmm_covariance: str = "full"
     flow_blocks: int = 4
