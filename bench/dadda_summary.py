@@ -49,7 +49,10 @@ def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                                                names=["category", "Synthesis"])
     overall.insert(0, "seeds", "")
     table = pd.concat([text, overall]).reset_index()
-    paired = runs.pivot_table(index=["category", "seed"], columns="Synthesis", values=metrics)
+    paired = runs.pivot_table(index=["category", "seed"], columns="Synthesis",
+                              values=metrics).dropna()  # complete (dam-only, dadda) pairs only
+    if paired.empty or {"dadda", "dam-only"} - set(paired.columns.get_level_values(1)):
+        raise SystemExit("no run folder holds both dam-only/ and dadda/ results")
     wins = pd.DataFrame({m: [f"{int((paired[m]['dadda'] > paired[m]['dam-only']).sum())} / "
                              f"{len(paired)}"] for m in metrics}, index=["D-ADDA > DAM-only"])
     return table, wins
