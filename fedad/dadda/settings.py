@@ -1,8 +1,9 @@
 """D-ADDA stage 2-3 settings (run-config keys ``dadda-*``): ``cfg.section(DADDASettings)``.
 
 Defaults are the CPU default: one category's stages in about 15 minutes on two cores (diffusion
-at 32 x 32, a 3-level U-Net with 32 base channels (0.95 M parameters), 200 diffusion steps, 300
-training iterations per stage-2 model and 100 fine-tuning iterations per site in batches of 8,
+at 32 x 32, a 3-level U-Net with 32 base channels (0.95 M parameters), 200 diffusion steps, 2000
+training iterations per stage-2 model (at 300, G^I's samples were still noise) and 200
+fine-tuning iterations per site in batches of 8,
 DDIM with 25 steps, 16 DAM and 16 diffusion pairs per defect class). The paper's scale
 (128 x 128, 1000 steps, 30 000 iterations, 5000 warm-up, lr 1e-4, 500 pairs per defect) is
 ``configs/dadda_paper.yaml``, meant for a GPU.
@@ -29,8 +30,8 @@ class DADDASettings:
     dadda_attention_heads: int = 4  # paper: 4
     dadda_head_dim: int = 32  # paper: d_h = 32
     dadda_diffusion_steps: int = 200  # training timesteps T (paper 1000)
-    dadda_train_iterations: int = 300  # stage 2, per model (paper 30 000)
-    dadda_finetune_iterations: int = 100  # stage 3 fine-tuning of G^I on each site
+    dadda_train_iterations: int = 2000  # stage 2, per model (paper 30 000)
+    dadda_finetune_iterations: int = 200  # stage 3 fine-tuning of G^I on each site
     dadda_warmup: int = 50  # linear learning-rate warm-up iterations (paper 5000)
     dadda_diffusion_lr: float = 5e-4  # Adam (paper 1e-4 over 30 000 iterations)
     dadda_diffusion_batch: int = 8
