@@ -58,11 +58,11 @@ class Variant:
     federated: bool = True
 
 
-def variants(num_train_patches: int, max_patches: int) -> list[Variant]:
-    """The heads compared (defaults but ``max_patches``; the coreset keeps 10 % of the patches,
+def variants(num_train_patches: int, base: HeadSettings) -> list[Variant]:
+    """The heads compared, on ``base`` (the run's max-patches and feature padding, defaults
+    otherwise; the coreset keeps 10 % of the patches,
     PatchCore's middle setting, as a centralized baseline only: its bank is patch features)."""
-    base = HeadSettings(max_patches=max_patches)
-    coreset_size = max(1, min(num_train_patches, max_patches) // 10)
+    coreset_size = max(1, min(num_train_patches, base.max_patches) // 10)
     return [
         Variant("bank-sinkhorn", "memorybank", base),
         Variant("bank-kmeans", "memorybank", dataclasses.replace(base, bank_clustering="kmeans")),
@@ -152,7 +152,7 @@ def run_categories(args: argparse.Namespace, extractor
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
         central = [pooled(sites)]
-        for variant in variants(central[0].flat().shape[0], args.max_patches):
+        for variant in variants(central[0].flat().shape[0], args.settings):
             if variant.name not in args.heads:
                 continue
             settings = [("centralized", central, 1)]
@@ -178,7 +178,7 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     categories' banks only, and from all categories' banks, scored on each target category's
     test split (calibrated on the contributing sites' normal images, whitened by their
     moments)."""
-    variant = variants(1, args.max_patches)[0]
+    variant = variants(1, args.settings)[0]
     head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[1].features
                                  .shape[1], args.seed)
     sites = {c: pooled(p[0]) for c, p in patches.items()}
@@ -206,7 +206,7 @@ def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
                                 args.whitening)
         for k in (5, 10, 20, 30, 40):
             variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
-                              HeadSettings(num_prototypes=k, max_patches=args.max_patches))
+                              dataclasses.replace(args.settings, num_prototypes=k))
             for label, data in (("centralized", [pooled(sites)]),
                                 (f"federated {args.sites} sites", sites)):
                 payload = fit(variant, data, args.seed, 1)
@@ -223,14 +223,14 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     rows = []
     category = args.categories[0]
     for image_size in (128, 224):
-        extractor = settings_extractor(args.feature_settings, image_size)
+        extractor = settings_extractor(args.settings, image_size)
         sites, test, _ = category_patches(category, image_size, 1, args.seed, extractor)
         whitening = None
         if args.whitening:
             whitening = Whitening.from_moments([feature_moments(
                 sites[0].flat(args.max_patches, seed=args.seed))])
             sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
-        for variant in variants(sites[0].flat().shape[0], args.max_patches):
+        for variant in variants(sites[0].flat().shape[0], args.settings):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
@@ -274,7 +274,8 @@ def main() -> None:
     parser.add_argument("--feature-padding", type=int, default=HeadSettings().feature_padding,
                         help="reflect padding of the images before the backbone, pixels")
     args = parser.parse_args()
-    args.feature_settings = HeadSettings(feature_padding=args.feature_padding)
+    args.settings = HeadSettings(feature_padding=args.feature_padding,
+                                 max_patches=args.max_patches)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,7 +285,7 @@ def main() -> None:
         print(pd.read_csv(args.out / "latency.csv").to_markdown(index=False))
     if args.skip_categories:
         return
-    extractor = settings_extractor(args.feature_settings, args.image_size)
+    extractor = settings_extractor(args.settings, args.image_size)
     table, per_type, patches = run_categories(args, extractor)
     table.to_csv(args.out / "heads.csv", index=False)
     per_type.to_csv(args.out / "defect_types.csv", index=False)

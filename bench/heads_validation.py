@@ -15,6 +15,7 @@ Only training images are read, so the same procedure serves real data.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 from pathlib import Path
@@ -34,6 +35,8 @@ from fedad.train.synthetic_anomalies import AnomalySynthesizer
 
 log = logging.getLogger("bench.heads_validation")
 HOLDOUT = 0.2
+cached_extractor = functools.cache(settings_extractor)
+"""One extractor per (settings, image size), shared by the categories."""
 
 
 def validation_split(category: str, image_size: int, seed: int
@@ -54,7 +57,7 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
     whitened features (extracted once)."""
     fit, normals, anomalous, masks = validation_split(category, image_size, seed)
-    extractor = settings_extractor(settings, image_size)
+    extractor = cached_extractor(settings, image_size)
     bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
     with torch.no_grad():
         features = extractor(torch.cat([normals, anomalous]))
