@@ -273,8 +273,11 @@ def main() -> None:
                         help="heads on raw patch features (feature-whitening=false)")
     parser.add_argument("--feature-padding", type=int, default=HeadSettings().feature_padding,
                         help="reflect padding of the images before the backbone, pixels")
+    parser.add_argument("--feature-scales", default=HeadSettings().feature_scales,
+                        help="image resize factors seen by the backbone, e.g. 1,2")
     args = parser.parse_args()
     args.settings = HeadSettings(feature_padding=args.feature_padding,
+                                 feature_scales=args.feature_scales,
                                  max_patches=args.max_patches)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)

@@ -5,8 +5,9 @@ A fifth of each category's normal training images is held out; the Sinkhorn memo
 (HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
 nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
-whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels and
-reflect padding of the image (feature-padding).
+whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels,
+reflect padding of the image (feature-padding) and set of image scales (feature-scales), on
+large (the papers' sizes) and small anomalies (``--extents``).
 Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
@@ -31,7 +32,7 @@ from fedad.heads.registry import settings_extractor
 from fedad.heads.scoring import anomaly_maps, extract_patches, image_scores
 from fedad.heads.settings import HeadSettings
 from fedad.heads.whitening import Whitening, feature_moments
-from fedad.train.synthetic_anomalies import AnomalySynthesizer
+from fedad.train.synthetic_anomalies import EXTENTS, AnomalySynthesizer
 
 log = logging.getLogger("bench.heads_validation")
 HOLDOUT = 0.2
@@ -40,38 +41,43 @@ cached_extractor = functools.cache(settings_extractor)
 
 
 def validation_split(category: str, image_size: int, seed: int
-                     ) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fit samples, held-out normals [M, 3, S, S], the same with synthetic anomalies, their
-    masks [M, 1, S, S]) of a category's training images."""
+                     ) -> tuple[list, torch.Tensor]:
+    """(fit samples, held-out normals [M, 3, S, S]) of a category's training images."""
     train = [s for s in scan_category(ensure_synthetic(), category) if s.split == "train"]
     order = np.random.default_rng(seed).permutation(len(train))
     held = max(1, round(HOLDOUT * len(train)))
     dataset = AnomalyDataset([train[i] for i in order[:held]], image_size)
     normals = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    anomalous, masks = AnomalySynthesizer(probability=1.0, seed=seed)(normals)
-    return [train[i] for i in order[held:]], normals, anomalous, masks
+    return [train[i] for i in order[held:]], normals
 
 
-def validate(category: str, image_size: int, settings: HeadSettings, seed: int
-             ) -> list[dict[str, float | str]]:
+def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
+             extents: list[str], copies: int = 1) -> list[dict[str, float | str]]:
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
-    whitened features (extracted once)."""
-    fit, normals, anomalous, masks = validation_split(category, image_size, seed)
+    whitened features, for each extent of synthetic anomalies (the bank is fitted once;
+    ``copies`` anomalous versions of each held-out normal image)."""
+    fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
     bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
-    with torch.no_grad():
-        features = extractor(torch.cat([normals, anomalous]))
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(anomalous))]
-    truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
     whitening = Whitening.from_moments([feature_moments(bank)])
+    transforms = {"raw": lambda f: f, "whitened": whitening.apply}
+    heads = {name: MemoryBankHead(settings, bank.shape[1], seed) for name in transforms}
+    payloads = {name: heads[name].fit_local(transform(bank))
+                for name, transform in transforms.items()}
+    labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
     rows = []
-    for name, transform in (("raw", lambda f: f), ("whitened", whitening.apply)):
-        head = MemoryBankHead(settings, bank.shape[1], seed)
-        maps = anomaly_maps(head, head.fit_local(transform(bank)), transform(features),
-                            image_size, settings.map_sigma)
-        rows.append({"features": name,
-                     "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
-                     "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
+    for extent in extents:
+        anomalous, masks = AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
+            normals.repeat(copies, 1, 1, 1))
+        with torch.no_grad():
+            features = extractor(torch.cat([normals, anomalous]))
+        truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
+        for name, transform in transforms.items():
+            maps = anomaly_maps(heads[name], payloads[name], transform(features), image_size,
+                                settings.map_sigma)
+            rows.append({"extent": extent, "features": name,
+                         "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
+                         "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
     return rows
 
 
@@ -85,6 +91,12 @@ def main() -> None:
     parser.add_argument("--feature-paddings", nargs="+", type=int,
                         default=[HeadSettings().feature_padding],
                         help="reflect paddings to compare, pixels, e.g. 0 32")
+    parser.add_argument("--feature-scales", nargs="+", default=[HeadSettings().feature_scales],
+                        help="image resize factors to compare, e.g. 1 1,2")
+    parser.add_argument("--extents", nargs="+", default=["large"], choices=sorted(EXTENTS),
+                        help="sizes of the synthetic anomalies (fedad.train.synthetic_anomalies)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="anomalous versions of each held-out normal image")
     parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -93,16 +105,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for category in args.categories:
-        for layers, padding, image_size in itertools.product(
-                args.feature_layers, args.feature_paddings, args.image_sizes):
+        for layers, padding, scales, image_size in itertools.product(
+                args.feature_layers, args.feature_paddings, args.feature_scales,
+                args.image_sizes):
             settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers,
-                                    feature_padding=padding)
-            for result in validate(category, image_size, settings, args.seed):
+                                    feature_padding=padding, feature_scales=scales)
+            for result in validate(category, image_size, settings, args.seed, args.extents,
+                                   args.copies):
                 rows.append({"category": category, "layers": layers, "padding": padding,
-                             "image_size": image_size, **result})
+                             "scales": scales, "image_size": image_size, **result})
                 log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    means = table.groupby(["layers", "padding", "image_size", "features"], as_index=False).mean(
+    means = table.groupby(["layers", "padding", "scales", "image_size", "extent", "features"],
+                          as_index=False).mean(
         numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)

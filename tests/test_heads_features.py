@@ -50,6 +50,30 @@ def test_reflect_padding_keeps_the_grid_and_brings_border_patches_near_the_inter
                         padding=128)(noise)
 
 
+def test_feature_scales_concatenate_each_scale_on_the_finest_grid():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    double = build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64,
+                             scales=(1, 2), padding=16)
+    assert double.dim == 2 * 152 and double(images).shape == (2, 304, 16, 16)
+    # one level: the first block is the original image's map (resized to the finer grid), the
+    # second the enlarged image's, a different view, not a copy
+    level = build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64, padding=16,
+                            scales=(1, 2))(images)
+    original = build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64,
+                               padding=16)(images)
+    assert original.shape == (2, 40, 8, 8) and level.shape == (2, 80, 16, 16)
+    coarse = torch.nn.functional.interpolate(original, size=(16, 16), mode="bilinear",
+                                             align_corners=False)
+    assert torch.allclose(level[:, :40], coarse, atol=1e-5)
+    assert not torch.allclose(level[:, 40:], coarse, atol=1e-2)
+    with pytest.raises(ValueError, match="feature-scales"):
+        build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64, scales=(0,))
+    with pytest.raises(ValueError, match="feature-padding=8"):  # 8 px at scale 1: not 16
+        build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64, scales=(1, 2),
+                        padding=8)(images)
+
+
 def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     torch.save(model.state_dict(), tmp_path / "resnet18.pt")
@@ -83,6 +107,9 @@ def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="feature-padding=32"):
         build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64,
                         checkpoint=str(path), msvt_backbone="none", padding=32)
+    with pytest.raises(BackboneError, match="feature-scales=1,2"):
+        build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64,
+                        checkpoint=str(path), msvt_backbone="none", scales=(1, 2))
     with pytest.raises(BackboneError, match="feature-layers=2,3"):
         build_extractor("msvt", layers=(2, 3), neighbourhood=3, image_size=64,
                         checkpoint=str(path), msvt_backbone="none")

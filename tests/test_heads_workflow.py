@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from flwr.app import Array, Message
 
-from fedad.config import ExperimentConfig
+from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
+from fedad.heads.registry import head_settings
 from fedad.inprocess import FIRST_NODE_ID, InProcessGrid, run_in_process
 from fedad.metrics import METRIC_NAMES
 
@@ -121,3 +122,16 @@ def test_cross_domain_bank_from_source_categories_is_scored_on_the_target(datase
     test_washer = ((manifest["partition"] == -1) & (manifest["category"] == "washer")).sum()
     assert len(np.load(results / "scores.npz")["labels"]) == test_washer
     assert 0 <= summary["final"]["image_auroc"] <= 1
+
+
+def test_feature_scales_widen_the_statistics_that_cross(dataset, tmp_path):
+    results = tmp_path / "results"
+    run_in_process(config(dataset, results, method="memorybank", **{"num-server-rounds": 1,
+                                                                    "feature-scales": "1,2"}), 2)
+    moments = [r for r in crossings(results) if r["kind"] == "feature-moments"]
+    assert moments and all(r["accepted"] for r in moments)
+    assert all(2 * 152 in shape for r in moments for shape in r["shapes"].values()), moments
+    with pytest.raises(ConfigError, match="feature-scales='1,x'"):
+        head_settings(config(dataset, results, **{"feature-scales": "1,x"}))
+    with pytest.raises(ConfigError, match="feature-scales='0'"):
+        head_settings(config(dataset, results, **{"feature-scales": "0"}))

@@ -12,7 +12,10 @@ aggregation: a patch feature sees its surroundings), resized to the finest level
 are concatenated along channels. With ``padding`` the image is first mirrored outwards by that
 many pixels and the maps are cropped back to the image, so that patches at the image border see
 mirrored content rather than the backbone's zero padding (whose artefacts otherwise put the
-maximum of a normal image's anomaly map on its border).
+maximum of a normal image's anomaly map on its border). With several ``scales`` the backbone
+also sees the image enlarged by each factor (bilinear) and the maps of every scale are
+concatenated on the finest grid: the enlarged image's levels resolve defects a pixel or two
+wide, the original's see large ones whole.
 """
 
 from __future__ import annotations
@@ -36,22 +39,27 @@ class PatchFeatureExtractor(nn.Module):
         channels: C_i of each level (their sum is the feature width D).
         neighbourhood: side of the averaging window (odd; 1 = no aggregation).
         padding: pixels of reflect padding around the image (a multiple of the coarsest
-            level's stride, less than the image side; 0 = none).
+            level's stride, less than the image side; 0 = none); scaled with the image.
+        scales: factors the image is resized by before the backbone (1 = as it is); D is
+            sum(channels) times their number.
     """
 
     def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3,
-                 padding: int = 0) -> None:
+                 padding: int = 0, scales: Sequence[float] = (1.0,)) -> None:
         super().__init__()
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"feature-neighbourhood={neighbourhood}: must be odd and >= 1")
         if padding < 0:
             raise ValueError(f"feature-padding={padding}: must be >= 0")
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"feature-scales={','.join(map(str, scales))}: must be > 0")
         self.levels = levels.eval()
         for param in self.levels.parameters():
             param.requires_grad_(False)
-        self.dim = int(sum(channels))
+        self.dim = int(sum(channels)) * len(scales)
         self.neighbourhood = neighbourhood
         self.padding = padding
+        self.scales = tuple(float(s) for s in scales)
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """The extractor is always frozen (eval mode)."""
@@ -65,12 +73,7 @@ class PatchFeatureExtractor(nn.Module):
         if self.padding >= min(images.shape[-2:]):
             raise ValueError(f"feature-padding={self.padding}: must be less than the image side "
                              f"({min(images.shape[-2:])} px)")
-        if self.padding:
-            images = F.pad(images, (self.padding,) * 4, mode="reflect")
-        window = self.neighbourhood // 2
-        pooled = [self._crop(F.avg_pool2d(m, self.neighbourhood, stride=1, padding=window,
-                                          count_include_pad=False), images.shape[-1])
-                  for m in self.levels(images)]
+        pooled = [m for scale in self.scales for m in self._levels_at(images, scale)]
         size = max((m.shape[-2:] for m in pooled), key=lambda s: s[0])
         features = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                               for m in pooled], dim=1)
@@ -79,12 +82,28 @@ class PatchFeatureExtractor(nn.Module):
                                      f"{self.dim}) or non-finite values")
         return features
 
-    def _crop(self, level: torch.Tensor, padded_side: int) -> torch.Tensor:
-        """A level's map [B, C, h, w] of the padded image, cropped back to the image."""
-        cells, rest = divmod(self.padding * level.shape[-1], padded_side)
+    def _levels_at(self, images: torch.Tensor, scale: float) -> list[torch.Tensor]:
+        """The aggregated, cropped level maps [[B, C_i, h_i, w_i]] of ``images`` resized by
+        ``scale``."""
+        padding = round(self.padding * scale)
+        if scale != 1:
+            side = [round(s * scale) for s in images.shape[-2:]]
+            images = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
+        if padding:
+            images = F.pad(images, (padding,) * 4, mode="reflect")
+        window = self.neighbourhood // 2
+        return [self._crop(F.avg_pool2d(m, self.neighbourhood, stride=1, padding=window,
+                                        count_include_pad=False), padding, images.shape[-1])
+                for m in self.levels(images)]
+
+    def _crop(self, level: torch.Tensor, padding: int, padded_side: int) -> torch.Tensor:
+        """A level's map [B, C, h, w] of the image padded by ``padding`` pixels, cropped back
+        to the image."""
+        cells, rest = divmod(padding * level.shape[-1], padded_side)
         if rest:
             raise ValueError(f"feature-padding={self.padding}: not a multiple of this level's "
-                             f"stride ({padded_side // level.shape[-1]} px)")
+                             f"stride ({padded_side // level.shape[-1]} px) for images of "
+                             f"{padded_side - 2 * padding} px")
         return level[..., cells:level.shape[-2] - cells, cells:level.shape[-1] - cells]
 
 
@@ -126,7 +145,8 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
 
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
                     checkpoint: str = "", msvt_backbone: str = "lite0",
-                    padding: int = 0) -> PatchFeatureExtractor:
+                    padding: int = 0, scales: Sequence[float] = (1.0,)
+                    ) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0``, a timm name, or ``msvt``).
 
     Args:
@@ -136,14 +156,16 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         msvt_backbone: the stem backbone the MSVT was trained with.
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
+        scales: image resize factors (see :class:`PatchFeatureExtractor`); (1,) for ``msvt``.
     """
     if source == "msvt":
         if not checkpoint:
             raise BackboneError("feature-source='msvt' needs feature-checkpoint (an MSVT .pt)")
-        if padding:
-            raise BackboneError(f"feature-padding={padding}: the MSVT takes images of exactly "
-                                "image-size pixels; set feature-padding=0 with "
-                                "feature-source='msvt'")
+        if padding or tuple(scales) != (1.0,):
+            raise BackboneError(f"feature-padding={padding}, feature-scales="
+                                f"{','.join(f'{s:g}' for s in scales)}: the MSVT takes images of "
+                                "exactly image-size pixels; set feature-padding=0 and "
+                                "feature-scales='1' with feature-source='msvt'")
         model = load_msvt(checkpoint, image_size, msvt_backbone)
         if not set(layers) <= set(range(len(model.stages))):
             raise BackboneError(f"feature-layers={','.join(map(str, layers))}: the MSVT has "
@@ -152,4 +174,4 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood)
     backbone: FeatureBackbone = create_backbone(
         source, pretrained=source == "lite0", checkpoint=checkpoint or None, out_indices=layers)
-    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding)
+    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales)

@@ -9,8 +9,11 @@ anomalies on held-out training normals, never on test images (BENCHMARKS.md, fea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+Number = TypeVar("Number", int, float)
 CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
 IMAGE_SCORES = ("max", "topk")
 COVARIANCES = ("full", "diag")
@@ -24,6 +27,7 @@ class HeadSettings:
     feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
+    feature_scales: str = "1"  # image resize factors seen by the backbone, e.g. "1,2"
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
@@ -63,14 +67,27 @@ class HeadSettings:
                 value = getattr(self, key.replace("-", "_"))
                 raise ValueError(f"{key}={value!r}: must be {expected}")
         self.layers()
+        self.scales()
 
     def layers(self) -> tuple[int, ...]:
         """feature-layers as integers."""
-        try:
-            layers = tuple(int(x) for x in self.feature_layers.split(",") if x.strip())
-        except ValueError as err:
-            raise ValueError(f"feature-layers={self.feature_layers!r}: expected e.g. '2,3'") \
-                from err
-        if not layers or min(layers) < 0:
-            raise ValueError(f"feature-layers={self.feature_layers!r}: expected e.g. '2,3'")
-        return layers
+        return _numbers("feature-layers", self.feature_layers, int, "'2,3'")
+
+    def scales(self) -> tuple[float, ...]:
+        """feature-scales as positive floats."""
+        scales = _numbers("feature-scales", self.feature_scales, float, "'1' or '1,2'")
+        if min(scales) <= 0:
+            raise ValueError(f"feature-scales={self.feature_scales!r}: must be > 0")
+        return scales
+
+
+def _numbers(key: str, text: str, kind: Callable[[str], Number], example: str
+             ) -> tuple[Number, ...]:
+    """A comma-separated list of non-negative numbers; ValueError naming ``key``."""
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise ValueError(f"{key}={text!r}: expected e.g. {example}") from err
+    if not values or min(values) < 0:
+        raise ValueError(f"{key}={text!r}: expected e.g. {example}")
+    return values

@@ -6,18 +6,41 @@ They give a supervised detector pixel-exact "defects" without any real defect im
   (Zavrtanik et al., DRAEM, ICCV 2021);
 - ``scar``: a thin rotated strip cut from the same image, jittered and pasted elsewhere
   (Li et al., CutPaste, CVPR 2021).
+Two extents: ``large`` (the papers' sizes: regions of up to half the image, scars 2-6 % of the
+side wide) and ``small`` (the hard end of real defects: Perlin regions cut to a disc of 2-6 % of
+the side, fainter blends, scars 1-2 % of the side wide), for validation splits that should not
+be easier than the defects a detector must find.
 Nothing here knows fedad's synthetic data generator: the same code runs on real images.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AnomalySynthesizer", "perlin_noise"]
+__all__ = ["EXTENTS", "AnomalySynthesizer", "perlin_noise"]
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Size and strength ranges of the anomalies, as fractions of the image side."""
+
+    region_radius: tuple[float, float] | None  # Perlin region cut to a disc; None: uncut
+    keep_original: tuple[float, float]  # beta: share of the original kept in a Perlin region
+    scar_length: tuple[float, float]
+    scar_width: tuple[float, float]
+    min_scar_width: int  # pixels
+    min_pixels: int  # smallest Perlin region
+
+
+EXTENTS = {
+    "large": Extent(None, (0.0, 0.7), (0.15, 0.5), (0.02, 0.06), 2, 16),
+    "small": Extent((0.02, 0.06), (0.3, 0.8), (0.1, 0.3), (0.008, 0.02), 1, 4),
+}
 
 
 def perlin_noise(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,12 +80,16 @@ class AnomalySynthesizer:
     Args:
         probability: chance that a given image of the batch is made anomalous.
         seed: seed of the generator (each instance is deterministic).
+        extent: "large" or "small" (EXTENTS).
     """
 
-    def __init__(self, probability: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, probability: float = 0.5, seed: int = 0, extent: str = "large") -> None:
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability={probability}: must be in [0, 1]")
+        if extent not in EXTENTS:
+            raise ValueError(f"extent={extent!r}: must be one of {sorted(EXTENTS)}")
         self.probability = probability
+        self.extent = EXTENTS[extent]
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,18 +119,26 @@ class AnomalySynthesizer:
         self, image: torch.Tensor, donor: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Perlin-region anomaly: [3,H,W] -> ([3,H,W], [1,H,W])."""
-        size = image.shape[-1]
+        size, extent = image.shape[-1], self.extent
         mask = np.zeros((size, size), dtype=np.float32)
-        while mask.sum() < 16:  # at least a few pixels, like DRAEM's retry
+        while mask.sum() < extent.min_pixels:  # at least a few pixels, like DRAEM's retry
             cells = int(2 ** self.rng.integers(1, 4)) * max(1, size // 128)
             noise = perlin_noise(size, cells, self.rng)
             noise = np.rot90(noise, k=int(self.rng.integers(4))).copy()
             mask = (noise > self.rng.uniform(0.35, 0.6)).astype(np.float32)
+            if extent.region_radius is not None:
+                mask *= self._disc(size, self.rng.uniform(*extent.region_radius) * size)
         m = torch.from_numpy(mask)[None]
         texture = self._foreign_texture(image, donor)
-        beta = float(self.rng.uniform(0.0, 0.7))
+        beta = float(self.rng.uniform(*extent.keep_original))
         blended = (1 - m) * image + m * ((1 - beta) * texture + beta * image)
         return blended, m
+
+    def _disc(self, size: int, radius: float) -> np.ndarray:
+        """A disc of ``radius`` pixels at a random centre, float32 [size, size] in {0, 1}."""
+        cy, cx = self.rng.uniform(radius, size - radius, 2)
+        yy, xx = np.mgrid[:size, :size]
+        return (((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2).astype(np.float32)
 
     def _foreign_texture(self, image: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
         """Fill of a Perlin region [3,H,W]: a flipped, rolled, colour-jittered donor; structured
@@ -129,9 +164,9 @@ class AnomalySynthesizer:
 
     def _scar(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CutPaste-scar anomaly: a thin rotated strip of the image pasted elsewhere."""
-        size = image.shape[-1]
-        length = int(self.rng.uniform(0.15, 0.5) * size)
-        width = max(2, int(self.rng.uniform(0.02, 0.06) * size))
+        size, extent = image.shape[-1], self.extent
+        length = int(self.rng.uniform(*extent.scar_length) * size)
+        width = max(extent.min_scar_width, int(self.rng.uniform(*extent.scar_width) * size))
         strip = torch.zeros(1, size, size)
         y0, x0 = (size - width) // 2, (size - length) // 2
         strip[:, y0 : y0 + width, x0 : x0 + length] = 1.0
