@@ -52,10 +52,12 @@ def validation_split(category: str, image_size: int, seed: int
 
 
 def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
-             extents: list[str], copies: int = 1) -> list[dict[str, float | str]]:
+             extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = ()
+             ) -> list[dict[str, float | str]]:
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
-    whitened features, for each extent of synthetic anomalies (the bank is fitted once;
-    ``copies`` anomalous versions of each held-out normal image)."""
+    whitened features, for each extent of synthetic anomalies and each smoothing of the map
+    (``map_sigmas``, default settings.map_sigma; the bank is fitted and the features are
+    extracted once; ``copies`` anomalous versions of each held-out normal image)."""
     fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
     bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
@@ -72,10 +74,11 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
         with torch.no_grad():
             features = extractor(torch.cat([normals, anomalous]))
         truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-        for name, transform in transforms.items():
+        for (name, transform), sigma in itertools.product(transforms.items(),
+                                                          map_sigmas or (settings.map_sigma,)):
             maps = anomaly_maps(heads[name], payloads[name], transform(features), image_size,
-                                settings.map_sigma)
-            rows.append({"extent": extent, "features": name,
+                                sigma)
+            rows.append({"extent": extent, "features": name, "map_sigma": sigma,
                          "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
                          "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
     return rows
@@ -95,6 +98,9 @@ def main() -> None:
                         help="image resize factors to compare, e.g. 1 1,2")
     parser.add_argument("--extents", nargs="+", default=["large"], choices=sorted(EXTENTS),
                         help="sizes of the synthetic anomalies (fedad.train.synthetic_anomalies)")
+    parser.add_argument("--map-sigmas", nargs="+", type=float, default=[],
+                        help="Gaussian smoothing of the map to compare, pixels (default: "
+                             "map-sigma's default)")
     parser.add_argument("--copies", type=int, default=1,
                         help="anomalous versions of each held-out normal image")
     parser.add_argument("--max-patches", type=int, default=8000)
@@ -111,14 +117,13 @@ def main() -> None:
             settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers,
                                     feature_padding=padding, feature_scales=scales)
             for result in validate(category, image_size, settings, args.seed, args.extents,
-                                   args.copies):
+                                   args.copies, tuple(args.map_sigmas)):
                 rows.append({"category": category, "layers": layers, "padding": padding,
                              "scales": scales, "image_size": image_size, **result})
                 log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    means = table.groupby(["layers", "padding", "scales", "image_size", "extent", "features"],
-                          as_index=False).mean(
-        numeric_only=True)
+    keys = ["layers", "padding", "scales", "image_size", "extent", "features", "map_sigma"]
+    means = table.groupby(keys, as_index=False).mean(numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)
     print(table.to_markdown(index=False, floatfmt=".3f"))

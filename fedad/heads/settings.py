@@ -3,8 +3,9 @@
 Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
 upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
 ImageNet backbone with a 3 x 3 neighbourhood and sigma = 4 (PatchCore's defaults). Feature
-whitening and the reflect padding of the image were chosen on a validation split of synthetic
-anomalies on held-out training normals, never on test images (BENCHMARKS.md, feature heads).
+whitening, the reflect padding of the image and the backbone seeing it enlarged 3x
+(feature-scales) were chosen on a validation split of synthetic anomalies, large and small, on
+held-out training normals, never on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class HeadSettings:
     feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
-    feature_scales: str = "1"  # image resize factors seen by the backbone, e.g. "1,2"
+    feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
