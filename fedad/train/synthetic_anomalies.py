@@ -27,7 +27,8 @@ __all__ = ["EXTENTS", "AnomalySynthesizer", "perlin_noise"]
 
 @dataclass(frozen=True)
 class Extent:
-    """Size and strength ranges of the anomalies, as fractions of the image side."""
+    """Size ranges (fractions of the image side unless in pixels) and blend strength of the
+    anomalies."""
 
     region_radius: tuple[float, float] | None  # Perlin region cut to a disc; None: uncut
     keep_original: tuple[float, float]  # beta: share of the original kept in a Perlin region
