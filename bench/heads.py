@@ -275,9 +275,11 @@ def main() -> None:
                         help="reflect padding of the images before the backbone, pixels")
     parser.add_argument("--feature-scales", default=HeadSettings().feature_scales,
                         help="image resize factors seen by the backbone, e.g. 1,2")
+    parser.add_argument("--map-sigma", type=float, default=HeadSettings().map_sigma,
+                        help="Gaussian smoothing of the anomaly map, pixels")
     args = parser.parse_args()
     args.settings = HeadSettings(feature_padding=args.feature_padding,
-                                 feature_scales=args.feature_scales,
+                                 feature_scales=args.feature_scales, map_sigma=args.map_sigma,
                                  max_patches=args.max_patches)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
