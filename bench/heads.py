@@ -147,7 +147,7 @@ def run_categories(args: argparse.Namespace, extractor
         sites, test, types = category_patches(category, args.image_size, args.sites, args.seed,
                                               extractor)
         patches[category] = (sites, test)
-        *sites, test = whitened(sites, [test], args.max_patches, args.seed, args.whitening)
+        *sites, test = whitened(sites, [test], args.settings.max_patches, args.seed, args.whitening)
         log.info("%s: features of %d + %d images in %.1f s", category,
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
@@ -188,8 +188,9 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
         for label, members in (("sources only", sources),
                                ("sources + target site", [*sources, target])):
             *member_sites, test = whitened([sites[c] for c in members], [patches[target][1]],
-                                           args.max_patches, args.seed, args.whitening)
-            payload = head.merge([head.fit_local(site.flat(args.max_patches, seed=args.seed))
+                                           args.settings.max_patches, args.seed, args.whitening)
+            payload = head.merge([head.fit_local(site.flat(variant.settings.max_patches,
+                                                           seed=args.seed))
                                   for site in member_sites])
             rows.append({"category": target, "head": variant.name, "setting": label,
                          **evaluate(variant, payload, member_sites, test, args.image_size,
@@ -202,7 +203,7 @@ def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     """NexViTAD Fig. 8: K in {5, 10, 20, 30, 40}, Sinkhorn bank, centralized and federated."""
     rows = []
     for category, (raw_sites, raw_test) in patches.items():
-        *sites, test = whitened(raw_sites, [raw_test], args.max_patches, args.seed,
+        *sites, test = whitened(raw_sites, [raw_test], args.settings.max_patches, args.seed,
                                 args.whitening)
         for k in (5, 10, 20, 30, 40):
             variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
@@ -228,7 +229,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         whitening = None
         if args.whitening:
             whitening = Whitening.from_moments([feature_moments(
-                sites[0].flat(args.max_patches, seed=args.seed))])
+                sites[0].flat(args.settings.max_patches, seed=args.seed))])
             sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
         for variant in variants(sites[0].flat().shape[0], args.settings):
             payload = fit(variant, sites, args.seed, 1)
