@@ -35,6 +35,8 @@ from fedad.heads.scoring import (
     anomaly_maps,
     extract_patches,
     image_scores,
+    map_baseline,
+    normal_map,
     score_moments,
 )
 from fedad.heads.settings import HeadSettings
@@ -76,18 +78,23 @@ def variants(num_train_patches: int, base: HeadSettings) -> list[Variant]:
 
 def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: PatchSet,
              image_size: int, seed: int) -> tuple[dict[str, float], Predictions]:
-    """Test metrics and predictions of ``payload``, calibrated on the sites' normal training
-    images."""
+    """Test metrics and predictions of ``payload``, with the map baseline (map-baseline) and
+    the calibration from the sites' normal training images."""
     head = HEADS[variant.method](variant.settings, test.features.shape[1], seed)
+    sigma = variant.settings.map_sigma
+    site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma)
+                 for site in sites]
+    baseline = (map_baseline([normal_map(maps) for maps in site_maps])
+                if variant.settings.map_baseline else None)
     moments = []
-    for site in sites:
-        maps = anomaly_maps(head, payload, site.features, image_size, variant.settings.map_sigma)
+    for maps in site_maps:
+        maps = maps if baseline is None else maps - baseline
         moments.append(score_moments(maps, image_scores(maps, variant.settings)))
     cfg = ExperimentConfig(method=variant.method, image_size=image_size, seed=seed,
                            extra={k.replace("_", "-"): v for k, v in
                                   dataclasses.asdict(variant.settings).items()})
     metrics, predictions = evaluate_head(head, payload, test, ScoreScale.from_moments(moments),
-                                         cfg)
+                                         cfg, baseline)
     return {k: metrics[k] for k in METRICS}, predictions
 
 
@@ -118,13 +125,15 @@ def category_patches(category: str, image_size: int, num_sites: int, seed: int,
     return sites, test, data.defect_types
 
 
-def whitened(fit_sites: list[PatchSet], others: list[PatchSet], max_patches: int, seed: int,
-             enabled: bool = True) -> list[PatchSet]:
+def whitened(fit_sites: list[PatchSet], others: list[PatchSet], settings: HeadSettings,
+             seed: int) -> list[PatchSet]:
     """``fit_sites`` + ``others`` with features whitened by the fit sites' pooled feature
-    moments (the federated whitening of fedad.heads.whitening); unchanged when not enabled."""
-    if not enabled:
+    moments (the federated whitening of fedad.heads.whitening) of ``settings.max_patches``
+    patches each; unchanged without ``settings.feature_whitening``."""
+    if not settings.feature_whitening:
         return [*fit_sites, *others]
-    whitening = Whitening.from_moments([feature_moments(s.flat(max_patches, seed=seed + i))
+    whitening = Whitening.from_moments([feature_moments(s.flat(settings.max_patches,
+                                                               seed=seed + i))
                                         for i, s in enumerate(fit_sites)])
     return [dataclasses.replace(s, features=whitening.apply(s.features))
             for s in [*fit_sites, *others]]
@@ -138,16 +147,21 @@ def pooled(sites: list[PatchSet]) -> PatchSet:
 
 
 def run_categories(args: argparse.Namespace, extractor
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Centralized / federated rows per category and head, the same per defect type (image
-    AUROC against the good images, share flagged), and each category's patches."""
-    rows, type_rows, patches = [], [], {}
+    AUROC against the good images, share flagged), the K ablation's rows (unless skipped), and
+    each category's raw patches in float16 for the cross-domain runs (only when they will run:
+    at feature-scales=3 six categories' float32 patches do not fit in 12 GB)."""
+    rows, type_rows, ablation_rows, patches = [], [], [], {}
+    keep_patches = len(args.categories) > 1 and not args.skip_cross_domain
     for category in args.categories:
         started = time.perf_counter()
-        sites, test, types = category_patches(category, args.image_size, args.sites, args.seed,
-                                              extractor)
-        patches[category] = (sites, test)
-        *sites, test = whitened(sites, [test], args.settings.max_patches, args.seed, args.whitening)
+        raw_sites, raw_test, types = category_patches(category, args.image_size, args.sites,
+                                                      args.seed, extractor)
+        if keep_patches:
+            patches[category] = tuple(half(s) for s in (*raw_sites, raw_test))
+        *sites, test = whitened(raw_sites, [raw_test], args.settings, args.seed)
+        del raw_sites, raw_test
         log.info("%s: features of %d + %d images in %.1f s", category,
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
@@ -170,7 +184,19 @@ def run_categories(args: argparse.Namespace, extractor
                 type_rows += [{**key, **r} for r in defect_type_table(
                     predictions.labels, predictions.defect_classes, predictions.image_scores,
                     types)]
-    return pd.DataFrame(rows), pd.DataFrame(type_rows), patches
+        if not args.skip_ablation:
+            ablation_rows += k_ablation(args, category, sites, test)
+    return pd.DataFrame(rows), pd.DataFrame(type_rows), pd.DataFrame(ablation_rows), patches
+
+
+def half(patch_set: PatchSet) -> PatchSet:
+    """``patch_set`` with float16 features (half the memory; heads cast them back)."""
+    return dataclasses.replace(patch_set, features=patch_set.features.half())
+
+
+def full(patch_set: PatchSet) -> PatchSet:
+    """``patch_set`` with float32 features again."""
+    return dataclasses.replace(patch_set, features=patch_set.features.float())
 
 
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
@@ -179,16 +205,16 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     test split (calibrated on the contributing sites' normal images, whitened by their
     moments)."""
     variant = variants(1, args.settings)[0]
-    head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[1].features
+    head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[-1].features
                                  .shape[1], args.seed)
-    sites = {c: pooled(p[0]) for c, p in patches.items()}
+    sites = {c: full(pooled(list(p[:-1]))) for c, p in patches.items()}
     rows = []
     for target in patches:
         sources = [c for c in patches if c != target]
         for label, members in (("sources only", sources),
                                ("sources + target site", [*sources, target])):
-            *member_sites, test = whitened([sites[c] for c in members], [patches[target][1]],
-                                           args.settings.max_patches, args.seed, args.whitening)
+            *member_sites, test = whitened([sites[c] for c in members],
+                                           [full(patches[target][-1])], args.settings, args.seed)
             payload = head.merge([head.fit_local(site.flat(variant.settings.max_patches,
                                                            seed=args.seed))
                                   for site in member_sites])
@@ -199,23 +225,22 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_k_ablation(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
-    """NexViTAD Fig. 8: K in {5, 10, 20, 30, 40}, Sinkhorn bank, centralized and federated."""
+def k_ablation(args: argparse.Namespace, category: str, sites: list[PatchSet], test: PatchSet
+               ) -> list[dict]:
+    """NexViTAD Fig. 8 on one category's (whitened) patches: K in {5, 10, 20, 30, 40},
+    Sinkhorn bank, centralized and federated."""
     rows = []
-    for category, (raw_sites, raw_test) in patches.items():
-        *sites, test = whitened(raw_sites, [raw_test], args.settings.max_patches, args.seed,
-                                args.whitening)
-        for k in (5, 10, 20, 30, 40):
-            variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
-                              dataclasses.replace(args.settings, num_prototypes=k))
-            for label, data in (("centralized", [pooled(sites)]),
-                                (f"federated {args.sites} sites", sites)):
-                payload = fit(variant, data, args.seed, 1)
-                rows.append({"category": category, "K": k, "setting": label,
-                             **evaluate(variant, payload, sites, test, args.image_size,
-                                        args.seed)[0]})
-                log.info("%s", rows[-1])
-    return pd.DataFrame(rows)
+    for k in (5, 10, 20, 30, 40):
+        variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
+                          dataclasses.replace(args.settings, num_prototypes=k))
+        for label, data in (("centralized", [pooled(sites)]),
+                            (f"federated {args.sites} sites", sites)):
+            payload = fit(variant, data, args.seed, 1)
+            rows.append({"category": category, "K": k, "setting": label,
+                         **evaluate(variant, payload, sites, test, args.image_size,
+                                    args.seed)[0]})
+            log.info("%s", rows[-1])
+    return rows
 
 
 def run_latency(args: argparse.Namespace) -> pd.DataFrame:
@@ -227,13 +252,17 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         extractor = settings_extractor(args.settings, image_size)
         sites, test, _ = category_patches(category, image_size, 1, args.seed, extractor)
         whitening = None
-        if args.whitening:
+        if args.settings.feature_whitening:
             whitening = Whitening.from_moments([feature_moments(
                 sites[0].flat(args.settings.max_patches, seed=args.seed))])
             sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
         for variant in variants(sites[0].flat().shape[0], args.settings):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
+            sigma = variant.settings.map_sigma
+            baseline = (map_baseline([normal_map(anomaly_maps(
+                head, payload, sites[0].features, image_size, sigma))])
+                if variant.settings.map_baseline else None)
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
                       for i in range(12)]
             times = []
@@ -242,8 +271,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
                 features = extractor(image)
                 if whitening is not None:
                     features = whitening.apply(features)
-                maps = anomaly_maps(head, payload, features, image_size,
-                                    variant.settings.map_sigma)
+                maps = anomaly_maps(head, payload, features, image_size, sigma, baseline)
                 image_scores(maps, variant.settings)
                 times.append(time.perf_counter() - t0)
             rows.append({"image_size": image_size, "head": variant.name,
@@ -272,6 +300,8 @@ def main() -> None:
     parser.add_argument("--skip-cross-domain", action="store_true")
     parser.add_argument("--no-whitening", dest="whitening", action="store_false",
                         help="heads on raw patch features (feature-whitening=false)")
+    parser.add_argument("--no-map-baseline", dest="map_baseline", action="store_false",
+                        help="score the raw maps (map-baseline=false)")
     parser.add_argument("--feature-padding", type=int, default=HeadSettings().feature_padding,
                         help="reflect padding of the images before the backbone, pixels")
     parser.add_argument("--feature-scales", default=HeadSettings().feature_scales,
@@ -281,7 +311,8 @@ def main() -> None:
     args = parser.parse_args()
     args.settings = HeadSettings(feature_padding=args.feature_padding,
                                  feature_scales=args.feature_scales, map_sigma=args.map_sigma,
-                                 max_patches=args.max_patches)
+                                 max_patches=args.max_patches, feature_whitening=args.whitening,
+                                 map_baseline=args.map_baseline)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -292,13 +323,13 @@ def main() -> None:
     if args.skip_categories:
         return
     extractor = settings_extractor(args.settings, args.image_size)
-    table, per_type, patches = run_categories(args, extractor)
+    table, per_type, ablation, patches = run_categories(args, extractor)
     table.to_csv(args.out / "heads.csv", index=False)
     per_type.to_csv(args.out / "defect_types.csv", index=False)
-    if len(patches) > 1 and not args.skip_cross_domain:
+    if len(ablation):
+        ablation.to_csv(args.out / "k_ablation.csv", index=False)
+    if patches:
         run_cross_domain(args, patches).to_csv(args.out / "cross_domain.csv", index=False)
-    if not args.skip_ablation:
-        run_k_ablation(args, patches).to_csv(args.out / "k_ablation.csv", index=False)
     for name in ("latency", "heads", "cross_domain", "k_ablation"):
         path = args.out / f"{name}.csv"
         if path.exists():

@@ -29,7 +29,13 @@ from sklearn.metrics import roc_auc_score
 from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
 from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.registry import settings_extractor
-from fedad.heads.scoring import anomaly_maps, extract_patches, image_scores
+from fedad.heads.scoring import (
+    anomaly_maps,
+    extract_patches,
+    image_scores,
+    map_baseline,
+    normal_map,
+)
 from fedad.heads.settings import HeadSettings
 from fedad.heads.whitening import Whitening, feature_moments
 from fedad.train.synthetic_anomalies import EXTENTS, AnomalySynthesizer
@@ -55,30 +61,38 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
              extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = ()
              ) -> list[dict[str, float | str]]:
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
-    whitened features, for each extent of synthetic anomalies and each smoothing of the map
-    (``map_sigmas``, default settings.map_sigma; the bank is fitted and the features are
-    extracted once; ``copies`` anomalous versions of each held-out normal image)."""
+    whitened features, for each extent of synthetic anomalies, each smoothing of the map
+    (``map_sigmas``, default settings.map_sigma), and with or without the map baseline (the
+    mean map of the fit images; the bank is fitted and the features are extracted once;
+    ``copies`` anomalous versions of each held-out normal image)."""
     fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
-    bank = extract_patches(extractor, fit, image_size).flat(settings.max_patches, seed=seed)
+    fit_patches = extract_patches(extractor, fit, image_size)
+    bank = fit_patches.flat(settings.max_patches, seed=seed)
     whitening = Whitening.from_moments([feature_moments(bank)])
     transforms = {"raw": lambda f: f, "whitened": whitening.apply}
     heads = {name: MemoryBankHead(settings, bank.shape[1], seed) for name in transforms}
     payloads = {name: heads[name].fit_local(transform(bank))
                 for name, transform in transforms.items()}
+    sigmas = map_sigmas or (settings.map_sigma,)
+    baselines = {(name, sigma): map_baseline([normal_map(anomaly_maps(
+        heads[name], payloads[name], transform(fit_patches.features), image_size, sigma))])
+        for (name, transform), sigma in itertools.product(transforms.items(), sigmas)}
     labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
     rows = []
     for extent in extents:
         anomalous, masks = AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
             normals.repeat(copies, 1, 1, 1))
-        with torch.no_grad():
-            features = extractor(torch.cat([normals, anomalous]))
+        with torch.no_grad():  # in batches: at feature-scales=3 the backbone's maps are large
+            features = torch.cat([extractor(batch)
+                                  for batch in torch.cat([normals, anomalous]).split(16)])
         truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-        for (name, transform), sigma in itertools.product(transforms.items(),
-                                                          map_sigmas or (settings.map_sigma,)):
+        for (name, transform), sigma, subtract in itertools.product(
+                transforms.items(), sigmas, (False, True)):
             maps = anomaly_maps(heads[name], payloads[name], transform(features), image_size,
-                                sigma)
+                                sigma, baselines[name, sigma] if subtract else None)
             rows.append({"extent": extent, "features": name, "map_sigma": sigma,
+                         "map_baseline": subtract,
                          "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
                          "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
     return rows
@@ -122,7 +136,8 @@ def main() -> None:
                              "scales": scales, "image_size": image_size, **result})
                 log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    keys = ["layers", "padding", "scales", "image_size", "extent", "features", "map_sigma"]
+    keys = ["layers", "padding", "scales", "image_size", "extent", "features", "map_sigma",
+            "map_baseline"]
     means = table.groupby(keys, as_index=False).mean(numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)

@@ -13,7 +13,8 @@ from fedad.methods import method_entry, resolve
 
 ACTIONS: dict[str, tuple[str, ...]] = {
     "train": (), "evaluate": (),
-    "query": ("dadda_cached", "dadda_upload", "dadda_synthesize", "feature_moments"),
+    "query": ("dadda_cached", "dadda_upload", "dadda_synthesize", "feature_moments",
+              "normal_map"),
 }
 
 

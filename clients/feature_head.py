@@ -2,9 +2,11 @@
 
 ``query.feature_moments``: moments of the local normal patch features (for the global
 whitening). ``train``: fit a local head (round 1) or refinement statistics for the global head
-in the message; reply with the typed payload. ``evaluate``: score moments of local normal
-validation images under the global head (for the server's calibration). ``train`` and
-``evaluate`` apply the whitening the message carries, if any. Only prototypes, statistics and
+in the message; reply with the typed payload. ``query.normal_map``: the mean anomaly map of the
+local normal images under the global head (for the map baseline). ``evaluate``: score moments
+of local normal validation images under the global head, less the map baseline the message
+carries if any (for the server's calibration). Every handler applies the whitening the message
+carries, if any. Only prototypes, statistics and
 flow weights leave the site; patch features and images never do.
 """
 
@@ -13,9 +15,15 @@ from __future__ import annotations
 from flwr.app import MetricRecord, RecordDict
 
 from clients.base import SiteClient
-from fedad.heads.payload import Payload, payload_from_record
+from fedad.heads.payload import Payload, attached_arrays, payload_from_record
 from fedad.heads.registry import extractor_for, head_for
-from fedad.heads.site import calibration_moments, fit_or_refine, site_feature_moments
+from fedad.heads.scoring import BASELINE_RECORD
+from fedad.heads.site import (
+    calibration_moments,
+    fit_or_refine,
+    site_feature_moments,
+    site_normal_map,
+)
 from fedad.heads.whitening import Whitening
 
 
@@ -34,27 +42,43 @@ class FeatureHeadClient(SiteClient):
         """The server's whitening in the message (checked), or None."""
         return Whitening.from_content(content, extractor_for(self.cfg).dim)
 
+    def _required_head(self, content: RecordDict, message_type: str) -> Payload:
+        head = self._global_head(content)
+        if head is None:
+            raise ValueError(f"{message_type}: the message carries no global head")
+        return head
+
+    @staticmethod
+    def _empty() -> RecordDict:
+        """The reply of a site that abstains (no normal images)."""
+        return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+
     def query_feature_moments(self, content: RecordDict) -> RecordDict:
         """Count, mean and second moment of the local normal patch features; an empty reply
         (num-examples 0) when the site holds no normal training images."""
         payload = site_feature_moments(self.cfg, self.partition_id, self.data.num_partitions)
-        if payload is None:
-            return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
-        return payload.to_record()
+        return self._empty() if payload is None else payload.to_record()
 
     def train(self, content: RecordDict) -> RecordDict:
         """Local fit or refinement; an empty reply (num-examples 0) when the site abstains."""
         payload = fit_or_refine(self.cfg, self.partition_id, self.data.num_partitions,
                                 self._global_head(content), self._whitening(content))
-        if payload is None:
-            return RecordDict({"metrics": MetricRecord({"num-examples": 0})})
-        return payload.to_record()
+        return self._empty() if payload is None else payload.to_record()
+
+    def query_normal_map(self, content: RecordDict) -> RecordDict:
+        """Mean anomaly map of the local normal images under the global head; an empty reply
+        when the site holds none."""
+        payload = site_normal_map(self.cfg, self.partition_id, self.data.num_partitions,
+                                  self._required_head(content, "query.normal_map"),
+                                  self._whitening(content))
+        return self._empty() if payload is None else payload.to_record()
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Score moments (count, image / pixel mean and variance) for calibration."""
-        head = self._global_head(content)
-        if head is None:
-            raise ValueError("evaluate: the message carries no global head")
-        moments = calibration_moments(self.cfg, self.partition_id, self.data.num_partitions, head,
-                                      self._whitening(content))
+        size = self.cfg.image_size
+        baseline = attached_arrays(content, BASELINE_RECORD, {"mean": (size, size)})
+        moments = calibration_moments(self.cfg, self.partition_id, self.data.num_partitions,
+                                      self._required_head(content, "evaluate"),
+                                      self._whitening(content),
+                                      None if baseline is None else baseline["mean"])
         return RecordDict({"metrics": MetricRecord(moments or {"count": 0.0})})

@@ -56,7 +56,7 @@ def test_the_whitening_a_message_carries_is_checked():
     got = Whitening.from_content(whitening.add_to(RecordDict()), DIM)
     np.testing.assert_array_equal(got.matrix, whitening.matrix)
     assert Whitening.from_content(RecordDict(), DIM) is None
-    with pytest.raises(PayloadError, match="shapes"):
+    with pytest.raises(PayloadError, match="mean shape"):
         Whitening.from_content(whitening.add_to(RecordDict()), DIM + 1)
     broken = Whitening(whitening.mean, whitening.matrix.copy())
     broken.matrix[0, 0] = np.nan

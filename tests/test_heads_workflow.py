@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from flwr.app import Array, Message
 
 from fedad.config import ConfigError, ExperimentConfig
@@ -57,30 +58,36 @@ def test_two_rounds_write_the_results_folder_and_only_statistics_cross(dataset, 
         assert metric in METRIC_NAMES and rounds[metric].between(0, 1).all()
     rows = crossings(results)
     assert all(r["accepted"] for r in rows)
-    train_rows = [r for r in rows if r["kind"] != "score-moments"]
+    train_rows = [r for r in rows if r["kind"] not in ("score-moments", "normal-map")]
     assert [r["kind"] for r in train_rows] == (["feature-moments"] * 2 + [kinds[0]] * 2
                                                + [kinds[1]] * 2)
+    maps = [r for r in rows if r["kind"] == "normal-map"]  # the map baseline, every round
+    assert [r["round"] for r in maps] == [1, 1, 2, 2]
+    assert all(r["shapes"] == {"mean": [64, 64]} for r in maps)
+    assert "map_baseline" in torch.load(results / "checkpoints/round-002.pt")["state_dict"]
     num_patches = min(r["count"] for r in train_rows)
     for row in train_rows:  # no array has a row per patch: features never cross
         assert all(num_patches not in shape for shape in row["shapes"].values()), row
 
 
-def test_without_whitening_no_feature_moments_cross(dataset, tmp_path):
+@pytest.mark.parametrize("key, kind", [("feature-whitening", "feature-moments"),
+                                       ("map-baseline", "normal-map")])
+def test_switched_off_statistics_do_not_cross(dataset, tmp_path, key, kind):
     results = tmp_path / "results"
     run_in_process(config(dataset, results, method="memorybank", **{"num-server-rounds": 1,
-                                                                    "feature-whitening": False}), 2)
-    assert "feature-moments" not in {r["kind"] for r in crossings(results)}
+                                                                    key: False}), 2)
+    assert kind not in {r["kind"] for r in crossings(results)}
 
 
 class CorruptingGrid(InProcessGrid):
-    """In-process sites, one of which sends NaN feature moments and prototypes and one
-    misshaped ones."""
+    """In-process sites, one of which sends NaN feature moments, prototypes and normal maps
+    and one misshaped ones."""
 
     def _answer(self, msg: Message) -> Message:
         reply = super()._answer(msg)
         node = msg.metadata.dst_node_id
-        name = {"train": "prototypes", "query.feature_moments": "second"}.get(
-            msg.metadata.message_type)
+        name = {"train": "prototypes", "query.feature_moments": "second",
+                "query.normal_map": "mean"}.get(msg.metadata.message_type)
         if name is not None and node != FIRST_NODE_ID:
             head = reply.content.array_records["head"]
             values = head[name].numpy().copy()
@@ -99,7 +106,7 @@ def test_refused_payloads_are_logged_and_left_out(dataset, tmp_path):
     from fedad.heads.workflow import run_feature_head
 
     summary = run_feature_head(CorruptingGrid(cfg, 3), cfg)
-    for kind in ("feature-moments", "prototypes"):
+    for kind in ("feature-moments", "prototypes", "normal-map"):
         by_node = {r["node"]: r for r in crossings(results) if r["kind"] == kind}
         assert by_node[FIRST_NODE_ID]["accepted"]
         assert not by_node[FIRST_NODE_ID + 1]["accepted"]

@@ -2,8 +2,8 @@
 
 A payload is a kind, named float arrays whose shapes follow the kind's template (``K``
 prototypes or components, ``D`` feature width) and an example count. Only prototypes, mixture
-parameters, cluster / EM statistics, flow weights, feature moments (for the whitening) and
-scalar score statistics ever cross;
+parameters, cluster / EM statistics, flow weights, feature moments (for the whitening), the
+mean anomaly map of normal images (for the map baseline) and scalar score statistics ever cross;
 patch features and images never do: no kind has an array with one row per patch or image.
 """
 
@@ -23,10 +23,9 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "em-stats": {"counts": ("K",), "sums": ("K", "D"), "outer": ("K", "D", "D")},
     "flow": {},  # keys and shapes come from the global flow's state dict
     "feature-moments": {"mean": ("D",), "second": ("D", "D")},
+    "normal-map": {"mean": ("S", "S")},
 }
-"""Array names and shape templates of each payload kind."""
-
-
+"""Array names and shape templates of each payload kind (``S``: the image size)."""
 
 class PayloadError(ValueError):
     """A payload that must not be used; the message says why."""
@@ -117,3 +116,30 @@ def payload_from_record(content: RecordDict, kind: str, sizes: dict[str, int],
     if kind in CHECKS:
         CHECKS[kind](payload)
     return payload
+
+
+def attach_arrays(content: RecordDict, name: str, arrays: dict[str, np.ndarray]) -> RecordDict:
+    """``content`` with ``arrays`` as its array record ``name`` (what the server sends along
+    with a global head: the whitening, the map baseline)."""
+    content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return content
+
+
+def attached_arrays(content: RecordDict, name: str, shapes: dict[str, tuple[int, ...]]
+                    ) -> dict[str, np.ndarray] | None:
+    """The array record ``name`` of a message as float32 arrays (None when it has none),
+    checked: exactly the names of ``shapes``, those shapes, finite floats; PayloadError
+    otherwise."""
+    if name not in content.array_records:
+        return None
+    record = content.array_records[name]
+    if set(record.keys()) != set(shapes):
+        raise PayloadError(f"{name}: arrays {sorted(record.keys())}, expected {sorted(shapes)}")
+    arrays = {key: record[key].numpy() for key in shapes}
+    for key, values in arrays.items():
+        if values.shape != tuple(shapes[key]):
+            raise PayloadError(f"{name}: {key} shape {list(values.shape)}, expected "
+                               f"{list(shapes[key])}")
+        if values.dtype.kind != "f" or not np.isfinite(values).all():
+            raise PayloadError(f"{name}: {key} has non-finite or non-float values")
+    return {key: values.astype(np.float32) for key, values in arrays.items()}

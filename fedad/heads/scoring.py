@@ -1,10 +1,14 @@
 """From patch features to anomaly maps, image scores and calibrated [0, 1] predictions.
 
 Patch scores [N, h, w] are upsampled bilinearly to the image size and smoothed with a Gaussian
-(NexViTAD §3.2, PatchCore); the image score is the map's maximum or the mean of its top-k
-pixels. Raw scores are mapped to [0, 1] by a logistic around a threshold estimated from
-normal images the sites hold (mean + 3 std of their scores), so that 0.5 is the decision
-threshold, as :class:`fedad.train.predictions.Predictions` requires.
+(NexViTAD §3.2, PatchCore). With ``map-baseline`` (default) the mean map of the sites' normal
+images is subtracted: what a normal image is expected to score at each pixel. Without it the
+image borders, whose patches the backbone sees with padding and the head has seen least, hold
+the maximum of almost every normal map, and the image score measures the border rather than
+the defect. The image score is the map's maximum or the mean of its top-k pixels. Raw scores
+are mapped to [0, 1] by a logistic around a threshold estimated from normal images the sites
+hold (mean + 3 std of their scores), so that 0.5 is the decision threshold, as
+:class:`fedad.train.predictions.Predictions` requires.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
 
 THRESHOLD_STDS = 3.0
+BASELINE_RECORD = "map-baseline"  # the array record that carries the baseline to the sites
 
 
 @dataclass
@@ -66,9 +71,10 @@ def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
 
 
 def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, image_size: int,
-                 sigma: float) -> np.ndarray:
-    """Raw anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload``,
-    upsampled bilinearly to ``image_size`` and Gaussian-smoothed with ``sigma`` pixels."""
+                 sigma: float, baseline: np.ndarray | None = None) -> np.ndarray:
+    """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload``,
+    upsampled bilinearly to ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus
+    ``baseline`` [H, W] when given (:func:`map_baseline`)."""
     n, d, h, w = features.shape
     scores = head.patch_scores(payload, features.permute(0, 2, 3, 1).reshape(-1, d))
     patch_maps = scores.reshape(n, 1, h, w).float()
@@ -78,7 +84,31 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
         maps = np.stack([gaussian_filter(m, sigma) for m in maps])
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{type(head).__name__}: non-finite anomaly maps")
+    if baseline is not None:
+        if baseline.shape != maps.shape[1:]:
+            raise ValueError(f"map baseline {list(baseline.shape)} for maps "
+                             f"{list(maps.shape[1:])}")
+        maps = maps - baseline
     return maps
+
+
+def normal_map(maps: np.ndarray) -> Payload:
+    """A site's ``normal-map`` payload: the mean [S, S] of the raw anomaly maps [N, S, S] of its
+    normal images, count N."""
+    if maps.ndim != 3 or not len(maps) or not np.isfinite(maps).all():
+        raise ValueError(f"normal_map: expected finite [N, S, S] maps, got {list(maps.shape)}")
+    return Payload("normal-map", {"mean": maps.mean(0, dtype=np.float64).astype(np.float32)},
+                   len(maps))
+
+
+def map_baseline(payloads: Sequence[Payload]) -> np.ndarray:
+    """The sites' normal maps pooled (weighted by their image counts) into the baseline [S, S]
+    that :func:`anomaly_maps` subtracts."""
+    if not payloads:
+        raise ValueError("map_baseline: no normal-map payloads")
+    counts = np.array([p.count for p in payloads], np.float64)
+    means = np.stack([p.arrays["mean"] for p in payloads]).astype(np.float64)
+    return np.tensordot(counts / counts.sum(), means, axes=1).astype(np.float32)
 
 
 def image_scores(maps: np.ndarray, settings: HeadSettings) -> np.ndarray:

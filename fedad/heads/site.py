@@ -1,25 +1,34 @@
 """What a site does for a feature head: report the moments of its normal patch features (for
-the global whitening), fit or refine on those features, and report score moments of its normal
-validation images for calibration. Features stay here."""
+the global whitening), fit or refine on those features, report the mean anomaly map of its
+normal images (for the map baseline) and score moments of its normal validation images for
+calibration. Features stay here."""
 
 from __future__ import annotations
 
 import functools
 import logging
 
+import numpy as np
 import torch
 
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import extractor_for, head_for, head_settings
-from fedad.heads.scoring import PatchSet, anomaly_maps, extract_patches, image_scores, score_moments
+from fedad.heads.scoring import (
+    PatchSet,
+    anomaly_maps,
+    extract_patches,
+    image_scores,
+    normal_map,
+    score_moments,
+)
 from fedad.heads.whitening import Whitening, feature_moments
 
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def normal_patches(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
                    role: str) -> PatchSet | None:
     """Patch features of the site's normal ``role`` images ("train" | "val"), without the
@@ -66,16 +75,31 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     return head.refine_local(global_head, features)
 
 
+def site_normal_map(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
+                    global_head: Payload, whitening: Whitening | None = None) -> Payload | None:
+    """The ``normal-map`` payload: mean raw anomaly map [S, S] of all the site's normal images
+    (training and validation) under the global head; None when it holds none."""
+    sets = [patches for role in ("train", "val")
+            if (patches := normal_patches(cfg, partition_id, num_partitions, role)) is not None]
+    if not sets:
+        return None
+    head, sigma = head_for(cfg), head_settings(cfg).map_sigma
+    return normal_map(np.concatenate([
+        anomaly_maps(head, global_head, _whiten(p.features, whitening), cfg.image_size, sigma)
+        for p in sets]))
+
+
 def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
-                        global_head: Payload, whitening: Whitening | None = None
-                        ) -> dict[str, float] | None:
+                        global_head: Payload, whitening: Whitening | None = None,
+                        baseline: np.ndarray | None = None) -> dict[str, float] | None:
     """Score moments of the site's normal validation images (training images when it has no
-    validation images) under the global head; None when it has neither."""
+    validation images) under the global head, their maps less ``baseline`` [S, S] if given;
+    None when it has neither."""
     patches = (normal_patches(cfg, partition_id, num_partitions, "val")
                or normal_patches(cfg, partition_id, num_partitions, "train"))
     if patches is None:
         return None
     settings = head_settings(cfg)
     maps = anomaly_maps(head_for(cfg), global_head, _whiten(patches.features, whitening),
-                        cfg.image_size, settings.map_sigma)
+                        cfg.image_size, settings.map_sigma, baseline)
     return score_moments(maps, image_scores(maps, settings))

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
-from fedad.heads.payload import Payload, PayloadError
+from fedad.heads.payload import Payload, attach_arrays, attached_arrays
 
 SHRINKAGE = 0.01
 RECORD = "whitening"
@@ -75,23 +75,11 @@ class Whitening:
 
     def add_to(self, content: RecordDict) -> RecordDict:
         """``content`` with the whitening as its ``whitening`` array record."""
-        content[RECORD] = ArrayRecord({"mean": Array(self.mean), "matrix": Array(self.matrix)})
-        return content
+        return attach_arrays(content, RECORD, {"mean": self.mean, "matrix": self.matrix})
 
     @classmethod
     def from_content(cls, content: RecordDict, dim: int) -> Whitening | None:
         """The whitening a message carries (None when it carries none), checked: mean [dim],
         matrix [dim, dim], finite floats; PayloadError otherwise."""
-        if RECORD not in content.array_records:
-            return None
-        record = content.array_records[RECORD]
-        if set(record.keys()) != {"mean", "matrix"}:
-            raise PayloadError(f"whitening: arrays {sorted(record.keys())}, expected "
-                               "['matrix', 'mean']")
-        mean, matrix = record["mean"].numpy(), record["matrix"].numpy()
-        if mean.shape != (dim,) or matrix.shape != (dim, dim):
-            raise PayloadError(f"whitening: shapes {list(mean.shape)} / {list(matrix.shape)}, "
-                               f"expected [{dim}] / [{dim}, {dim}]")
-        if any(a.dtype.kind != "f" or not np.isfinite(a).all() for a in (mean, matrix)):
-            raise PayloadError("whitening: non-finite or non-float values")
-        return cls(mean.astype(np.float32), matrix.astype(np.float32))
+        arrays = attached_arrays(content, RECORD, {"mean": (dim,), "matrix": (dim, dim)})
+        return None if arrays is None else cls(arrays["mean"], arrays["matrix"])

@@ -4,7 +4,10 @@ payloads, merge, calibration, global evaluation on the test split, results folde
 With ``feature-whitening`` (default), a first exchange asks every site for the moments of its
 normal patch features and pools them into the global whitening, which every later message
 carries (:mod:`fedad.heads.whitening`). Round 1 asks every site for its own head (one-shot
-federation); rounds 2.. send the global head and merge the sites' refinement replies. Every
+federation); rounds 2.. send the global head and merge the sites' refinement replies. After
+each round, with ``map-baseline`` (default), the sites send the mean anomaly map of their normal
+images under the new global head, pooled into the baseline that every map is scored against
+(:mod:`fedad.heads.scoring`); then they send score moments for calibration. Every
 payload is checked (kind, names, shapes, finiteness, count) before use; a refused or failed
 reply is logged and left out. What crossed (node, round, kind, shapes, digest, accepted,
 reason) is written to ``payloads.jsonl``.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -23,14 +27,16 @@ from fedad.config import ConfigError, ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.federation import wait_for_nodes
 from fedad.heads.base import FeatureHead
-from fedad.heads.payload import Payload, PayloadError, payload_from_record
+from fedad.heads.payload import Payload, PayloadError, attach_arrays, payload_from_record
 from fedad.heads.registry import extractor_for, head_for, head_settings
 from fedad.heads.scoring import (
+    BASELINE_RECORD,
     PatchSet,
     ScoreScale,
     anomaly_maps,
     extract_patches,
     image_scores,
+    map_baseline,
 )
 from fedad.heads.whitening import Whitening
 from fedad.metrics import anomaly_metrics
@@ -75,6 +81,14 @@ class HeadRound:
         self.whitening = Whitening.from_moments(payloads)
         return self.whitening
 
+    def agree_baseline(self, server_round: int, global_head: Payload) -> np.ndarray:
+        """The map baseline [S, S] from the sites' normal maps under ``global_head``."""
+        payloads = self._accepted("query.normal_map", global_head.to_record(), "normal-map",
+                                  server_round)
+        if not payloads:
+            raise RuntimeError(f"round {server_round}: no site sent a usable normal map")
+        return map_baseline(payloads)
+
     def _accepted(self, message_type: str, content: RecordDict, kind: str,
                   server_round: int) -> list[Payload]:
         """Send ``content`` to every site; their replies of ``kind`` that pass the checks."""
@@ -88,8 +102,9 @@ class HeadRound:
                 row.update(accepted=False, reason="abstained: no normal training images")
             else:
                 try:
-                    payload = payload_from_record(reply.content, kind, self.head.sizes,
-                                                  self.head.reference_shapes(kind))
+                    payload = payload_from_record(
+                        reply.content, kind, {**self.head.sizes, "S": self.cfg.image_size},
+                        self.head.reference_shapes(kind))
                 except PayloadError as err:
                     row.update(accepted=False, reason=str(err))
                 else:
@@ -102,10 +117,15 @@ class HeadRound:
             self.crossings.append(row)
         return accepted
 
-    def calibrate(self, server_round: int, global_head: Payload) -> ScoreScale:
-        """Send ``evaluate`` with the global head; pool the sites' normal-score moments."""
+    def calibrate(self, server_round: int, global_head: Payload,
+                  baseline: np.ndarray | None = None) -> ScoreScale:
+        """Send ``evaluate`` with the global head (and the map baseline [S, S] if any); pool
+        the sites' normal-score moments."""
+        content = global_head.to_record()
+        if baseline is not None:
+            attach_arrays(content, BASELINE_RECORD, {"mean": baseline})
         moments = []
-        for reply in self._send("evaluate", global_head.to_record(), server_round):
+        for reply in self._send("evaluate", content, server_round):
             row = {"round": server_round, "node": reply.metadata.src_node_id,
                    "kind": "score-moments"}
             record = None if reply.has_error() else reply.content.metric_records.get("metrics")
@@ -121,10 +141,13 @@ class HeadRound:
 
 
 def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: ScoreScale,
-                  cfg: ExperimentConfig) -> tuple[dict[str, float], Predictions]:
-    """Metrics and calibrated predictions of the global head on the test patches."""
+                  cfg: ExperimentConfig, baseline: np.ndarray | None = None
+                  ) -> tuple[dict[str, float], Predictions]:
+    """Metrics and calibrated predictions of the global head on the test patches (maps less
+    ``baseline`` [S, S] if given)."""
     settings = head_settings(cfg)
-    maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma)
+    maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma,
+                        baseline)
     calibrated_maps, scores = scale.apply(maps, image_scores(maps, settings))
     predictions = Predictions(test.labels, test.defect_classes, scores, test.masks,
                               calibrated_maps, test.images).check()
@@ -167,9 +190,13 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
             continue
         global_head = (head.merge(payloads) if global_head is None
                        else head.refine(global_head, payloads))
-        scale = exchange.calibrate(server_round, global_head)
-        metrics, predictions = evaluate_head(head, global_head, test, scale, cfg)
+        baseline = (exchange.agree_baseline(server_round, global_head)
+                    if settings.map_baseline else None)
+        scale = exchange.calibrate(server_round, global_head, baseline)
+        metrics, predictions = evaluate_head(head, global_head, test, scale, cfg, baseline)
         state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
+        if baseline is not None:
+            state["map_baseline"] = torch.from_numpy(baseline)
         results.record_round(server_round, {**metrics, "train_sites": float(len(payloads))},
                              state, {"scale": vars(scale), "kind": global_head.kind})
         results.write_scores(predictions, data.defect_types)

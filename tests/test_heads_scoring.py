@@ -1,0 +1,88 @@
+"""Anomaly maps and their baseline: the mean map of normal images, pooled across sites,
+subtracted before the image score."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from fedad.heads.base import FeatureHead
+from fedad.heads.payload import PayloadError, attach_arrays, attached_arrays, payload_from_record
+from fedad.heads.scoring import anomaly_maps, map_baseline, normal_map
+from fedad.heads.settings import HeadSettings
+
+SIZE = 16
+
+
+class FirstChannelHead(FeatureHead):
+    """A head whose patch score is the feature's first channel (maps are what we draw)."""
+
+    fit_kind = refine_kind = "prototypes"
+    num_units = 1
+
+    def fit_local(self, features): ...
+    def merge(self, payloads): ...
+    def refine_local(self, head, features): ...
+    def refine(self, head, payloads): ...
+
+    def patch_scores(self, head, features):
+        return features[:, 0]
+
+
+def drawn_maps(count: int, bump: tuple[int, int] | None, seed: int) -> torch.Tensor:
+    """Features [N, 1, S, S] of images whose score is noise plus a hot image border (as the
+    backbone's padded border patches give) and, if ``bump``, a weaker interior defect."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = 0.1 * torch.rand(count, 1, SIZE, SIZE, generator=generator)
+    scores[..., :2, :] += 1.0
+    scores[..., :, -2:] += 1.0
+    if bump is not None:
+        scores[..., bump[0], bump[1]] += 0.6
+    return scores
+
+
+def test_the_baseline_lets_an_interior_defect_outscore_the_hot_border():
+    head = FirstChannelHead(HeadSettings(), 1)
+    normals, defective = drawn_maps(8, None, 0), drawn_maps(4, (8, 6), 1)
+    fit_maps = anomaly_maps(head, None, drawn_maps(20, None, 2), SIZE, sigma=0)
+    baseline = map_baseline([normal_map(fit_maps[:12]), normal_map(fit_maps[12:])])
+    labels = np.r_[np.zeros(8), np.ones(4)]
+
+    def image_scores(base):
+        maps = anomaly_maps(head, None, torch.cat([normals, defective]), SIZE, 0, base)
+        return maps.reshape(len(maps), -1).max(1)
+
+    raw, corrected = image_scores(None), image_scores(baseline)
+    assert raw[labels == 1].min() < raw[labels == 0].max()  # the border rules the raw maximum
+    assert corrected[labels == 1].min() > corrected[labels == 0].max()
+    maps = anomaly_maps(head, None, defective, SIZE, 0, baseline)
+    assert all(np.unravel_index(m.argmax(), m.shape) == (8, 6) for m in maps)
+
+
+def test_pooled_baseline_equals_the_mean_over_all_sites_images():
+    maps = np.random.default_rng(0).random((10, SIZE, SIZE)).astype(np.float32)
+    pooled = map_baseline([normal_map(maps[:3]), normal_map(maps[3:])])
+    np.testing.assert_allclose(pooled, maps.mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="baseline"):
+        anomaly_maps(FirstChannelHead(HeadSettings(), 1), None, drawn_maps(2, None, 0),
+                     SIZE, 0, pooled[:-1])
+
+
+def test_normal_map_payloads_and_the_sent_baseline_are_checked():
+    sent = normal_map(np.ones((3, SIZE, SIZE), np.float32))
+    assert sent.count == 3 and sent.shapes() == {"mean": [SIZE, SIZE]}
+    got = payload_from_record(sent.to_record(), "normal-map", {"S": SIZE})
+    np.testing.assert_array_equal(got.arrays["mean"], sent.arrays["mean"])
+    with pytest.raises(PayloadError, match="shape"):
+        payload_from_record(sent.to_record(), "normal-map", {"S": SIZE + 1})
+    with pytest.raises(ValueError, match="finite"):
+        normal_map(np.full((2, SIZE, SIZE), np.nan, np.float32))
+    content = attach_arrays(RecordDict(), "map-baseline", {"mean": sent.arrays["mean"]})
+    assert attached_arrays(content, "map-baseline", {"mean": (SIZE, SIZE)}) is not None
+    assert attached_arrays(RecordDict(), "map-baseline", {"mean": (SIZE, SIZE)}) is None
+    with pytest.raises(PayloadError, match="mean shape"):
+        attached_arrays(content, "map-baseline", {"mean": (SIZE, SIZE + 1)})
+    bad = attach_arrays(RecordDict(), "map-baseline",
+                        {"mean": np.full((SIZE, SIZE), np.inf, np.float32)})
+    with pytest.raises(PayloadError, match="non-finite"):
+        attached_arrays(bad, "map-baseline", {"mean": (SIZE, SIZE)})
