@@ -8,7 +8,7 @@ from flwr.app import RecordDict
 
 from fedad.heads.base import FeatureHead
 from fedad.heads.payload import PayloadError, attach_arrays, attached_arrays, payload_from_record
-from fedad.heads.scoring import anomaly_maps, map_baseline, normal_map
+from fedad.heads.scoring import anomaly_maps, border_distance, map_baseline, normal_map
 from fedad.heads.settings import HeadSettings
 
 SIZE = 16
@@ -30,12 +30,11 @@ class FirstChannelHead(FeatureHead):
 
 
 def drawn_maps(count: int, bump: tuple[int, int] | None, seed: int) -> torch.Tensor:
-    """Features [N, 1, S, S] of images whose score is noise plus a hot image border (as the
-    backbone's padded border patches give) and, if ``bump``, a weaker interior defect."""
+    """Features [N, 1, S, S] of images whose score is noise plus a hot frame (as the backbone's
+    padded border patches give) and, if ``bump``, a weaker interior defect."""
     generator = torch.Generator().manual_seed(seed)
     scores = 0.1 * torch.rand(count, 1, SIZE, SIZE, generator=generator)
-    scores[..., :2, :] += 1.0
-    scores[..., :, -2:] += 1.0
+    scores[..., torch.from_numpy(border_distance(SIZE) < 2)] += 1.0
     if bump is not None:
         scores[..., bump[0], bump[1]] += 0.6
     return scores
@@ -59,10 +58,20 @@ def test_the_baseline_lets_an_interior_defect_outscore_the_hot_border():
     assert all(np.unravel_index(m.argmax(), m.shape) == (8, 6) for m in maps)
 
 
-def test_pooled_baseline_equals_the_mean_over_all_sites_images():
-    maps = np.random.default_rng(0).random((10, SIZE, SIZE)).astype(np.float32)
+def test_the_baseline_is_the_frames_excess_in_the_pooled_normal_maps():
+    rng = np.random.default_rng(0)
+    rings = border_distance(SIZE)
+    frame = np.clip(3.0 - rings, 0, None)  # the artefact: 3, 2, 1 at the three outer rings
+    maps = (0.01 * rng.random((10, SIZE, SIZE)) + frame).astype(np.float32)
+    maps[:, 4:6, 6:9] += 5.0  # where a part usually lies: not a property of the frame
     pooled = map_baseline([normal_map(maps[:3]), normal_map(maps[3:])])
-    np.testing.assert_allclose(pooled, maps.mean(0), rtol=1e-5)
+    mean = maps.mean(0)
+    level = mean[rings == 3].mean()
+    for distance in range(3):  # the excess over the profile's lowest level before it rises
+        ring = rings == distance
+        np.testing.assert_allclose(pooled[ring], mean[ring].mean() - level, rtol=1e-4)
+    assert np.all(pooled[rings >= 3] == 0)  # nothing is subtracted further in, the part neither
+    np.testing.assert_allclose(pooled[rings < 3], frame[rings < 3], atol=0.02)
     with pytest.raises(ValueError, match="baseline"):
         anomaly_maps(FirstChannelHead(HeadSettings(), 1), None, drawn_maps(2, None, 0),
                      SIZE, 0, pooled[:-1])

@@ -1,14 +1,14 @@
 """From patch features to anomaly maps, image scores and calibrated [0, 1] predictions.
 
 Patch scores [N, h, w] are upsampled bilinearly to the image size and smoothed with a Gaussian
-(NexViTAD §3.2, PatchCore). With ``map-baseline`` (default) the mean map of the sites' normal
-images is subtracted: what a normal image is expected to score at each pixel. Without it the
-image borders, whose patches the backbone sees with padding and the head has seen least, hold
-the maximum of almost every normal map, and the image score measures the border rather than
-the defect. The image score is the map's maximum or the mean of its top-k pixels. Raw scores
-are mapped to [0, 1] by a logistic around a threshold estimated from normal images the sites
-hold (mean + 3 std of their scores), so that 0.5 is the decision threshold, as
-:class:`fedad.train.predictions.Predictions` requires.
+(NexViTAD §3.2, PatchCore). With ``map-baseline`` (default) the border artefact is subtracted:
+how much more a normal image scores near the image edge than further in (from the sites' mean
+normal map, :func:`map_baseline`). Without it the image border, whose patches the backbone
+sees through padding, holds the maximum of almost every normal map, and the image score
+measures the border rather than the defect. The image score is the map's maximum or the mean
+of its top-k pixels. Raw scores are mapped to [0, 1] by a logistic around a threshold
+estimated from normal images the sites hold (mean + 3 std of their scores), so that 0.5 is the
+decision threshold, as :class:`fedad.train.predictions.Predictions` requires.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
 
 THRESHOLD_STDS = 3.0
+RISE_TOLERANCE = 0.01
 BASELINE_RECORD = "map-baseline"  # the array record that carries the baseline to the sites
 
 
@@ -101,14 +102,33 @@ def normal_map(maps: np.ndarray) -> Payload:
                    len(maps))
 
 
+def border_distance(size: int) -> np.ndarray:
+    """Int [S, S]: each pixel's distance in pixels to the nearest edge of the image."""
+    index = np.arange(size)
+    edge = np.minimum(index, size - 1 - index)
+    return np.minimum(edge[:, None], edge[None, :])
+
+
 def map_baseline(payloads: Sequence[Payload]) -> np.ndarray:
-    """The sites' normal maps pooled (weighted by their image counts) into the baseline [S, S]
-    that :func:`anomaly_maps` subtracts."""
+    """The baseline [S, S] that :func:`anomaly_maps` subtracts: the border artefact of the sites'
+    normal maps. Their mean (weighted by image counts) is averaged over each ring of pixels at
+    the same distance from the image edge. Going inwards, this profile falls until its first
+    rise (by more than RISE_TOLERANCE of its range, so that noise on a plateau is not one); the
+    rings outside the lowest point before that rise get their excess over it, the others zero.
+    Only the frame's excess is removed: the rest of the mean map (where a part usually lies)
+    would lower the scores of defects there."""
     if not payloads:
         raise ValueError("map_baseline: no normal-map payloads")
     counts = np.array([p.count for p in payloads], np.float64)
     means = np.stack([p.arrays["mean"] for p in payloads]).astype(np.float64)
-    return np.tensordot(counts / counts.sum(), means, axes=1).astype(np.float32)
+    pooled = np.tensordot(counts / counts.sum(), means, axes=1)
+    rings = border_distance(len(pooled))
+    profile = np.bincount(rings.ravel(), pooled.ravel()) / np.bincount(rings.ravel())
+    tolerance = RISE_TOLERANCE * np.ptp(profile)
+    rises = np.flatnonzero(profile > np.minimum.accumulate(profile) + tolerance)
+    end = int(np.argmin(profile[:rises[0]] if len(rises) else profile))
+    excess = np.where(np.arange(len(profile)) < end, profile - profile[end], 0.0)
+    return excess[rings].astype(np.float32)
 
 
 def image_scores(maps: np.ndarray, settings: HeadSettings) -> np.ndarray:

@@ -43,7 +43,7 @@ class HeadSettings:
     flow_epochs: int = 10
     flow_lr: float = 1e-3
     map_sigma: float = 2.0  # Gaussian smoothing of the upsampled map, pixels
-    map_baseline: bool = True  # subtract the normal images' mean map (fedad.heads.scoring)
+    map_baseline: bool = True  # subtract normal maps' border artefact (fedad.heads.scoring)
     image_score: str = "max"
     topk_fraction: float = 0.01
     target_category: str = ""  # by-category: evaluate here, fit on the other categories only
