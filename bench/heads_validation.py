@@ -63,8 +63,9 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
     whitened features, for each extent of synthetic anomalies, each smoothing of the map
     (``map_sigmas``, default settings.map_sigma), and with or without the map baseline (the
-    mean map of the fit images; the bank is fitted and the features are extracted once;
-    ``copies`` anomalous versions of each held-out normal image)."""
+    border artefact of the fit images' maps, fedad.heads.scoring.map_baseline; the bank is
+    fitted and the features are extracted once; ``copies`` anomalous versions of each held-out
+    normal image)."""
     fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
     fit_patches = extract_patches(extractor, fit, image_size)

@@ -6,8 +6,8 @@ in the message; reply with the typed payload. ``query.normal_map``: the mean ano
 local normal images under the global head (for the map baseline). ``evaluate``: score moments
 of local normal validation images under the global head, less the map baseline the message
 carries if any (for the server's calibration). Every handler applies the whitening the message
-carries, if any. Only prototypes, statistics and
-flow weights leave the site; patch features and images never do.
+carries, if any. Only prototypes, statistics, mean maps and flow weights leave the site; patch
+features and images never do.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class FeatureHeadClient(SiteClient):
         return Whitening.from_content(content, extractor_for(self.cfg).dim)
 
     def _required_head(self, content: RecordDict, message_type: str) -> Payload:
+        """The global head the message must carry; ValueError naming the message otherwise."""
         head = self._global_head(content)
         if head is None:
             raise ValueError(f"{message_type}: the message carries no global head")

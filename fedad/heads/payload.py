@@ -27,6 +27,7 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 """Array names and shape templates of each payload kind (``S``: the image size)."""
 
+
 class PayloadError(ValueError):
     """A payload that must not be used; the message says why."""
 

@@ -6,11 +6,11 @@ normal patch features and pools them into the global whitening, which every late
 carries (:mod:`fedad.heads.whitening`). Round 1 asks every site for its own head (one-shot
 federation); rounds 2.. send the global head and merge the sites' refinement replies. After
 each round, with ``map-baseline`` (default), the sites send the mean anomaly map of their normal
-images under the new global head, pooled into the baseline that every map is scored against
-(:mod:`fedad.heads.scoring`); then they send score moments for calibration. Every
-payload is checked (kind, names, shapes, finiteness, count) before use; a refused or failed
-reply is logged and left out. What crossed (node, round, kind, shapes, digest, accepted,
-reason) is written to ``payloads.jsonl``.
+images under the new global head, from which the server takes the border artefact that every
+map is scored against (:func:`fedad.heads.scoring.map_baseline`); then they send score
+moments for calibration. Every payload is checked (kind, names, shapes, finiteness, count)
+before use; a refused or failed reply is logged and left out. What crossed (node, round, kind,
+shapes, digest, accepted, reason) is written to ``payloads.jsonl``.
 """
 
 from __future__ import annotations
