@@ -5,11 +5,21 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
+from sklearn.metrics import roc_auc_score
 
+from fedad.config import ExperimentConfig
 from fedad.heads.base import FeatureHead
 from fedad.heads.payload import PayloadError, attach_arrays, attached_arrays, payload_from_record
-from fedad.heads.scoring import anomaly_maps, border_distance, map_baseline, normal_map
+from fedad.heads.scoring import (
+    PatchSet,
+    ScoreScale,
+    anomaly_maps,
+    border_distance,
+    map_baseline,
+    normal_map,
+)
 from fedad.heads.settings import HeadSettings
+from fedad.heads.workflow import evaluate_head
 
 SIZE = 16
 
@@ -95,3 +105,25 @@ def test_normal_map_payloads_and_the_sent_baseline_are_checked():
                         {"mean": np.full((SIZE, SIZE), np.inf, np.float32)})
     with pytest.raises(PayloadError, match="non-finite"):
         attached_arrays(bad, "map-baseline", {"mean": (SIZE, SIZE)})
+
+
+
+def test_metrics_rank_raw_scores_when_the_calibration_saturates():
+    image_size = 2 * SIZE  # a config's image size is a multiple of 32
+    normals, defective = drawn_maps(6, None, 0), drawn_maps(6, (8, 6), 1)
+    defective[:3, :, 8, 6] -= 0.5  # three faint defects: some ranked below normal images
+    labels = np.r_[np.zeros(6), np.ones(6)].astype(int)
+    masks = np.zeros((12, image_size, image_size), bool)
+    masks[6:, 16:18, 12:14] = True
+    test = PatchSet(torch.cat([normals, defective]), labels, labels, masks,
+                    np.zeros((12, image_size, image_size, 3), np.float32))
+    cfg = ExperimentConfig.from_run_config({"image-size": image_size, "map-sigma": 0.0,
+                                            "map-baseline": False})
+    saturated = ScoreScale(image_threshold=-1e6, image_scale=1e-3, pixel_threshold=-1e6,
+                           pixel_scale=1e-3)
+    head = FirstChannelHead(HeadSettings(), 1)
+    metrics, predictions = evaluate_head(head, None, test, saturated, cfg)
+    assert np.all(predictions.image_scores == 1.0)  # every calibrated score ties at 1
+    raw = anomaly_maps(head, None, test.features, image_size, 0).reshape(12, -1).max(1)
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, raw))
+    assert 0.5 < metrics["image_auroc"] < 1.0

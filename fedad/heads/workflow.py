@@ -143,15 +143,18 @@ class HeadRound:
 def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: ScoreScale,
                   cfg: ExperimentConfig, baseline: np.ndarray | None = None
                   ) -> tuple[dict[str, float], Predictions]:
-    """Metrics and calibrated predictions of the global head on the test patches (maps less
-    ``baseline`` [S, S] if given)."""
+    """Metrics (of the raw maps and scores) and calibrated predictions of the global head on the
+    test patches (maps less ``baseline`` [S, S] if given)."""
     settings = head_settings(cfg)
     maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma,
                         baseline)
-    calibrated_maps, scores = scale.apply(maps, image_scores(maps, settings))
+    raw_scores = image_scores(maps, settings)
+    calibrated_maps, scores = scale.apply(maps, raw_scores)
     predictions = Predictions(test.labels, test.defect_classes, scores, test.masks,
                               calibrated_maps, test.images).check()
-    return anomaly_metrics(test.labels, scores, test.masks, calibrated_maps), predictions
+    # rank metrics on the raw values: the logistic saturates to exactly 1.0 far above the
+    # threshold (e.g. on a category the sites never saw), which would tie every image there
+    return anomaly_metrics(test.labels, raw_scores, test.masks, maps), predictions
 
 
 def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
