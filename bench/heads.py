@@ -84,8 +84,7 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
     sigma = variant.settings.map_sigma
     site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma)
                  for site in sites]
-    baseline = (map_baseline([normal_map(maps) for maps in site_maps])
-                if variant.settings.map_baseline else None)
+    baseline = site_baseline(variant.settings, site_maps)
     moments = []
     for maps in site_maps:
         maps = maps if baseline is None else maps - baseline
@@ -96,6 +95,14 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
     metrics, predictions = evaluate_head(head, payload, test, ScoreScale.from_moments(moments),
                                          cfg, baseline)
     return {k: metrics[k] for k in METRICS}, predictions
+
+
+def site_baseline(settings: HeadSettings, site_maps: list[np.ndarray]) -> np.ndarray | None:
+    """The map baseline [S, S] from each site's normal maps [N, S, S], as the server pools it
+    (None without ``settings.map_baseline``)."""
+    if not settings.map_baseline:
+        return None
+    return map_baseline([normal_map(maps) for maps in site_maps])
 
 
 def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int) -> Payload:
@@ -260,9 +267,8 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             sigma = variant.settings.map_sigma
-            baseline = (map_baseline([normal_map(anomaly_maps(
-                head, payload, sites[0].features, image_size, sigma))])
-                if variant.settings.map_baseline else None)
+            baseline = site_baseline(variant.settings, [anomaly_maps(
+                head, payload, sites[0].features, image_size, sigma)])
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
                       for i in range(12)]
             times = []
