@@ -212,12 +212,15 @@ def anomaly_metrics(
 
 
 def defect_type_table(labels: np.ndarray, defect_classes: np.ndarray, image_scores: np.ndarray,
-                      defect_types: Sequence[str], threshold: float = 0.5) -> list[dict]:
+                      defect_types: Sequence[str], threshold: float = 0.5,
+                      ranking_scores: np.ndarray | None = None) -> list[dict]:
     """Image-level results per defect type: which kinds of defect a detector finds.
 
     Args:
         labels: [N] {0,1}; defect_classes: [N] indices into ``defect_types`` (0 = "good");
         image_scores: [N] calibrated scores, ``threshold`` being the decision threshold.
+        ranking_scores: [N] the scores the AUROC ranks (default ``image_scores``), e.g. the
+            uncalibrated ones where the calibration saturates.
     Returns:
         one row per type present: ``defect_type``, ``images``, ``flagged`` (share of its images
         scored >= threshold: the false-positive rate for "good", the recall for a defect) and
@@ -229,6 +232,9 @@ def defect_type_table(labels: np.ndarray, defect_classes: np.ndarray, image_scor
     _check_same_shape(labels, image_scores, "labels", "image_scores", ndim=1)
     _check_same_shape(labels, defect_classes, "labels", "defect_classes", ndim=1)
     _check_finite(image_scores, "image_scores")
+    ranking = image_scores if ranking_scores is None else np.asarray(ranking_scores)
+    _check_same_shape(labels, ranking, "labels", "ranking_scores", ndim=1)
+    _check_finite(ranking, "ranking_scores")
     good = labels == 0
     rows = []
     for index in np.unique(defect_classes):
@@ -239,7 +245,7 @@ def defect_type_table(labels: np.ndarray, defect_classes: np.ndarray, image_scor
         rows.append({
             "defect_type": defect_types[index], "images": int(members.sum()),
             "flagged": float((image_scores[members] >= threshold).mean()),
-            "image_auroc": auroc(labels[versus], image_scores[versus]) if index else float("nan"),
+            "image_auroc": auroc(labels[versus], ranking[versus]) if index else float("nan"),
         })
     return rows
 

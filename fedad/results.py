@@ -94,14 +94,16 @@ class ResultsWriter:
         plot_client_weights(table, self.plots / "aggregation_weights.png")
 
     def write_scores(self, predictions: Predictions, defect_types: Sequence[str]) -> None:
-        """scores.npz: the test split's labels [N], defect classes [N] and image scores [N] of
-        the latest round (ROC curves and tables are rebuilt from it), and defect_types.csv:
-        per defect type, the share flagged and the image AUROC against the good images."""
+        """scores.npz: the test split's labels [N], defect classes [N], calibrated image scores
+        [N] and the scores the metrics rank [N] (ranking_scores) of the latest round (ROC curves
+        and tables are rebuilt from it), and defect_types.csv: per defect type, the share
+        flagged and the image AUROC against the good images."""
         np.savez(self.root / "scores.npz", labels=predictions.labels,
                  defect_classes=predictions.defect_classes,
-                 image_scores=predictions.image_scores)
+                 image_scores=predictions.image_scores, ranking_scores=predictions.ranked())
         pd.DataFrame(defect_type_table(predictions.labels, predictions.defect_classes,
-                                       predictions.image_scores, defect_types)).to_csv(
+                                       predictions.image_scores, defect_types,
+                                       ranking_scores=predictions.ranked())).to_csv(
             self.root / "defect_types.csv", index=False)
 
     def plot(self, server_round: int, predictions: Predictions) -> None:

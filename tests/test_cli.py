@@ -62,6 +62,22 @@ def test_report_rebuilds_plots_from_a_results_folder(tmp_path, capsys):
         assert (tmp_path / "run" / path).stat().st_size > 1000
 
 
+def test_saved_scores_rank_the_uncalibrated_scores_where_the_calibration_ties(tmp_path):
+    writer = ResultsWriter(tmp_path)
+    labels = np.array([0, 0, 1, 1])
+    writer.write_scores(Predictions(labels, np.array([0, 0, 1, 1]), np.ones(4),  # all tied at 1
+                                    np.zeros((4, 8, 8)), np.zeros((4, 8, 8)),
+                                    np.zeros((4, 8, 8, 3)), np.array([1., 2., 3., 1.5])),
+                        ("good", "crack"))
+    per_type = pd.read_csv(tmp_path / "defect_types.csv").set_index("defect_type")
+    assert per_type.loc["crack", "image_auroc"] == 0.75  # 3 of 4 pairs, not the ties' 0.5
+    with np.load(tmp_path / "scores.npz") as scores:
+        assert list(scores["ranking_scores"]) == [1., 2., 3., 1.5]
+    with pytest.raises(ValueError, match="ranking_scores: 3 rows"):
+        Predictions(labels, labels, np.ones(4), np.zeros((4, 2, 2)), np.zeros((4, 2, 2)),
+                    np.zeros((4, 2, 2, 3)), np.ones(3)).check()
+
+
 def test_report_on_a_folder_without_rounds_fails_clearly(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert "rounds.csv: not found" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from fedad.heads.scoring import (
 )
 from fedad.heads.settings import HeadSettings
 from fedad.heads.workflow import evaluate_head
+from fedad.metrics import defect_type_table
 
 SIZE = 16
 
@@ -127,3 +128,9 @@ def test_metrics_rank_raw_scores_when_the_calibration_saturates():
     raw = anomaly_maps(head, None, test.features, image_size, 0).reshape(12, -1).max(1)
     assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, raw))
     assert 0.5 < metrics["image_auroc"] < 1.0
+    # the per-type table and the saved ROC rank the same raw scores, not the ties
+    assert np.array_equal(predictions.ranked(), raw)
+    rows = defect_type_table(labels, labels, predictions.image_scores, ("good", "defect"),
+                             ranking_scores=predictions.ranked())
+    assert rows[1]["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    assert rows[1]["flagged"] == 1.0  # the share flagged still reads the calibrated threshold

@@ -114,12 +114,14 @@ def plot_run_roc(scores: Path, path: Path) -> bool:
 
 
 def draw_roc(ax, scores: Path, label: str) -> bool:
-    """Draw the ROC curve of ``scores`` (npz with labels [N] in {0,1} and image_scores [N])
-    with its AUROC in the legend; False when the file is absent or has one class only."""
+    """Draw the ROC curve of ``scores`` (npz with labels [N] in {0,1} and image_scores [N], or
+    the ranking_scores [N] the metrics rank where present) with its AUROC in the legend; False
+    when the file is absent or has one class only."""
     if not scores.is_file():
         return False
     with np.load(scores) as data:
-        labels, image_scores = data["labels"], data["image_scores"]
+        key = "ranking_scores" if "ranking_scores" in data else "image_scores"
+        labels, image_scores = data["labels"], data[key]
     if labels.shape != image_scores.shape or labels.ndim != 1:
         raise ValueError(f"{scores}: labels {labels.shape} and image_scores "
                          f"{image_scores.shape} must be the same 1-D shape")

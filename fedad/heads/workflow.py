@@ -151,7 +151,7 @@ def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: Sc
     raw_scores = image_scores(maps, settings)
     calibrated_maps, scores = scale.apply(maps, raw_scores)
     predictions = Predictions(test.labels, test.defect_classes, scores, test.masks,
-                              calibrated_maps, test.images).check()
+                              calibrated_maps, test.images, raw_scores).check()
     # rank metrics on the raw values: the logistic saturates to exactly 1.0 far above the
     # threshold (e.g. on a category the sites never saw), which would tie every image there
     return anomaly_metrics(test.labels, raw_scores, test.masks, maps), predictions

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -12,6 +12,9 @@ class Predictions:
     """Model outputs on an evaluation set (numpy, CPU).
 
     ``maps`` and ``image_scores`` lie in [0, 1]; 0.5 is the method's decision threshold.
+    ``ranking_scores``, when a method calibrates through a saturating function, holds the
+    uncalibrated image scores the rank metrics use (they do not tie where the calibration
+    reaches exactly 0 or 1); :meth:`ranked` returns them, else ``image_scores``.
     """
 
     labels: np.ndarray  # [N] {0,1}
@@ -20,6 +23,11 @@ class Predictions:
     masks: np.ndarray  # [N, H, W] {0,1}
     maps: np.ndarray  # [N, H, W] in [0,1]
     images: np.ndarray  # [N, H, W, 3] in [0,1], for plots
+    ranking_scores: np.ndarray | None = field(default=None)  # [N] uncalibrated, or None
+
+    def ranked(self) -> np.ndarray:
+        """[N] the image scores to rank (AUROC, ROC curves): ranking_scores if given."""
+        return self.image_scores if self.ranking_scores is None else self.ranking_scores
 
     def check(self) -> Predictions:
         """Assert consistent shapes and finite scores at the module border; returns self."""
@@ -29,7 +37,11 @@ class Predictions:
                 raise ValueError(f"Predictions.{name}: {len(getattr(self, name))} rows != {n}")
         if self.maps.shape != self.masks.shape:
             raise ValueError(f"Predictions: maps {self.maps.shape} != masks {self.masks.shape}")
+        if len(self.ranked()) != n:
+            raise ValueError(f"Predictions.ranking_scores: {len(self.ranked())} rows != {n}")
         for name in ("image_scores", "maps"):
             if not np.isfinite(getattr(self, name)).all():
                 raise FloatingPointError(f"Predictions.{name}: non-finite values")
+        if not np.isfinite(self.ranked()).all():
+            raise FloatingPointError("Predictions.ranking_scores: non-finite values")
         return self
