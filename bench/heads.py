@@ -27,6 +27,7 @@ import torch
 from fedad.config import ExperimentConfig
 from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
 from fedad.experiment import prepare_data
+from fedad.heads.features import PHOTOMETRIC
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, settings_extractor
 from fedad.heads.scoring import (
@@ -190,7 +191,7 @@ def run_categories(args: argparse.Namespace, extractor
                 log.info("%s", rows[-1])
                 type_rows += [{**key, **r} for r in defect_type_table(
                     predictions.labels, predictions.defect_classes, predictions.image_scores,
-                    types)]
+                    types, ranking_scores=predictions.ranked())]
         if not args.skip_ablation:
             ablation_rows += k_ablation(args, category, sites, test)
     return pd.DataFrame(rows), pd.DataFrame(type_rows), pd.DataFrame(ablation_rows), patches
@@ -312,11 +313,14 @@ def main() -> None:
                         help="reflect padding of the images before the backbone, pixels")
     parser.add_argument("--feature-scales", default=HeadSettings().feature_scales,
                         help="image resize factors seen by the backbone, e.g. 1,2")
+    parser.add_argument("--feature-photometric", default=HeadSettings().feature_photometric,
+                        choices=PHOTOMETRIC, help="per-image normalisation before the backbone")
     parser.add_argument("--map-sigma", type=float, default=HeadSettings().map_sigma,
                         help="Gaussian smoothing of the anomaly map, pixels")
     args = parser.parse_args()
     args.settings = HeadSettings(feature_padding=args.feature_padding,
                                  feature_scales=args.feature_scales, map_sigma=args.map_sigma,
+                                 feature_photometric=args.feature_photometric,
                                  max_patches=args.max_patches, feature_whitening=args.whitening,
                                  map_baseline=args.map_baseline)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

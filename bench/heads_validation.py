@@ -6,8 +6,9 @@ A fifth of each category's normal training images is held out; the Sinkhorn memo
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
 nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
 whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels,
-reflect padding of the image (feature-padding) and set of image scales (feature-scales), on
-large (the papers' sizes) and small anomalies (``--extents``).
+reflect padding of the image (feature-padding), set of image scales (feature-scales) and
+per-image normalisation (feature-photometric), on large (the papers' sizes) and small anomalies
+(``--extents``).
 Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
@@ -27,6 +28,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
+from fedad.heads.features import PHOTOMETRIC
 from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.registry import settings_extractor
 from fedad.heads.scoring import (
@@ -111,6 +113,9 @@ def main() -> None:
                         help="reflect paddings to compare, pixels, e.g. 0 32")
     parser.add_argument("--feature-scales", nargs="+", default=[HeadSettings().feature_scales],
                         help="image resize factors to compare, e.g. 1 1,2")
+    parser.add_argument("--feature-photometrics", nargs="+",
+                        default=[HeadSettings().feature_photometric], choices=PHOTOMETRIC,
+                        help="per-image normalisations to compare, e.g. none grey-world")
     parser.add_argument("--extents", nargs="+", default=["large"], choices=sorted(EXTENTS),
                         help="sizes of the synthetic anomalies (fedad.train.synthetic_anomalies)")
     parser.add_argument("--map-sigmas", nargs="+", type=float, default=[],
@@ -126,19 +131,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for category in args.categories:
-        for layers, padding, scales, image_size in itertools.product(
+        for layers, padding, scales, photometric, image_size in itertools.product(
                 args.feature_layers, args.feature_paddings, args.feature_scales,
-                args.image_sizes):
+                args.feature_photometrics, args.image_sizes):
             settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers,
-                                    feature_padding=padding, feature_scales=scales)
+                                    feature_padding=padding, feature_scales=scales,
+                                    feature_photometric=photometric)
             for result in validate(category, image_size, settings, args.seed, args.extents,
                                    args.copies, tuple(args.map_sigmas)):
                 rows.append({"category": category, "layers": layers, "padding": padding,
-                             "scales": scales, "image_size": image_size, **result})
+                             "scales": scales, "photometric": photometric,
+                             "image_size": image_size, **result})
                 log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    keys = ["layers", "padding", "scales", "image_size", "extent", "features", "map_sigma",
-            "map_baseline"]
+    keys = ["layers", "padding", "scales", "photometric", "image_size", "extent", "features",
+            "map_sigma", "map_baseline"]
     means = table.groupby(keys, as_index=False).mean(numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)

@@ -4,7 +4,8 @@ import pytest
 import timm
 import torch
 
-from fedad.heads.features import build_extractor
+from fedad.heads.features import build_extractor, photometric_normalised
+from fedad.heads.settings import HeadSettings
 from fedad.models import create_model, trainable_state_dict
 from fedad.models.backbones import BackboneError
 
@@ -72,6 +73,36 @@ def test_feature_scales_concatenate_each_scale_on_the_finest_grid():
     with pytest.raises(ValueError, match="feature-padding=8"):  # 8 px at scale 1: not 16
         build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64, scales=(1, 2),
                         padding=8)(images)
+
+
+def test_photometric_normalisation_removes_each_images_colour_cast_and_contrast():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 64) * 0.5 + 0.2
+    gain = torch.tensor([0.8, 1.1, 1.3]).view(1, 3, 1, 1)  # another camera / light
+    tinted = image * gain
+    offset = 0.5 * image + 0.1  # lower contrast, brighter
+    for mode, other in (("grey-world", tinted), ("standardize", offset)):
+        same = photometric_normalised(torch.cat([image, other]), mode)
+        assert torch.allclose(same[0], same[1], atol=1e-5), mode
+        assert torch.allclose(same.mean((-2, -1)), torch.tensor(0.45), atol=1e-3)
+    # the features follow: equal under grey-world for the tinted copy, not without it
+    plain = build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64)
+    constant = build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64,
+                               photometric="grey-world")
+    assert torch.allclose(*constant(torch.cat([image, tinted])), atol=1e-4)
+    assert not torch.allclose(*plain(torch.cat([image, tinted])), atol=1e-2)
+    # a local defect survives: its place still differs from the clean image
+    stained = image.clone()
+    stained[..., 20:30, 20:30] = stained[..., 20:30, 20:30] * 0.7 + 0.3 * torch.tensor(
+        [0.9, 0.2, 0.1]).view(1, 3, 1, 1)
+    pair = photometric_normalised(torch.cat([image, stained]), "grey-world")
+    difference = (pair[0] - pair[1]).abs().sum(0)
+    assert difference[20:30, 20:30].mean() > 10 * difference[40:, 40:].mean()
+    with pytest.raises(ValueError, match="feature-photometric='sepia'"):
+        build_extractor("lite0", layers=(2,), neighbourhood=3, image_size=64,
+                        photometric="sepia")
+    with pytest.raises(ValueError, match="feature-photometric='sepia'"):
+        HeadSettings(feature_photometric="sepia")
 
 
 def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):

@@ -15,7 +15,11 @@ mirrored content rather than the backbone's zero padding (whose artefacts otherw
 maximum of a normal image's anomaly map on its border). With several ``scales`` the backbone
 also sees the image enlarged by each factor (bilinear) and the maps of every scale are
 concatenated on the finest grid: the enlarged image's levels resolve defects a pixel or two
-wide, the original's see large ones whole.
+wide, the original's see large ones whole. With ``photometric`` each image is first
+normalised on its own (colour constancy): ``grey-world`` divides every channel by the image's
+mean of that channel (removing the image's brightness and colour cast), ``standardize`` also
+divides by its standard deviation (removing its contrast); both map the image back to mean
+PHOTOMETRIC_MEAN. Sites whose cameras and lights differ then show the bank the same colours.
 """
 
 from __future__ import annotations
@@ -30,6 +34,29 @@ from torch import nn
 from fedad.models import FeatureBackbone, create_backbone, create_model, load_trainable_state_dict
 from fedad.models.backbones import BackboneError
 
+PHOTOMETRIC = ("none", "grey-world", "standardize")
+PHOTOMETRIC_MEAN, PHOTOMETRIC_STD = 0.45, 0.2
+
+
+def check_photometric(mode: str) -> None:
+    """ValueError naming feature-photometric unless ``mode`` is one of PHOTOMETRIC."""
+    if mode not in PHOTOMETRIC:
+        raise ValueError(f"feature-photometric={mode!r}: must be one of {PHOTOMETRIC}")
+
+
+def photometric_normalised(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """images [B, 3, H, W] in [0, 1], each normalised on its own by ``mode`` (one of
+    PHOTOMETRIC): per channel, ``grey-world`` x * PHOTOMETRIC_MEAN / mean(x), ``standardize``
+    (x - mean(x)) / std(x) * PHOTOMETRIC_STD + PHOTOMETRIC_MEAN; clipped to [0, 1]."""
+    check_photometric(mode)
+    if mode == "none":
+        return images
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    if mode == "grey-world":
+        return (images * PHOTOMETRIC_MEAN / mean.clamp_min(1e-3)).clamp(0, 1)
+    std = images.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    return ((images - mean) / std * PHOTOMETRIC_STD + PHOTOMETRIC_MEAN).clamp(0, 1)
+
 
 class PatchFeatureExtractor(nn.Module):
     """Frozen multi-level feature model -> locally aggregated patch features.
@@ -42,11 +69,14 @@ class PatchFeatureExtractor(nn.Module):
             level's stride, less than the image side; 0 = none); scaled with the image.
         scales: factors the image is resized by before the backbone (1 = as it is); D is
             sum(channels) times their number.
+        photometric: per-image normalisation before the backbone, one of PHOTOMETRIC.
     """
 
     def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3,
-                 padding: int = 0, scales: Sequence[float] = (1.0,)) -> None:
+                 padding: int = 0, scales: Sequence[float] = (1.0,),
+                 photometric: str = "none") -> None:
         super().__init__()
+        check_photometric(photometric)
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"feature-neighbourhood={neighbourhood}: must be odd and >= 1")
         if padding < 0:
@@ -60,6 +90,7 @@ class PatchFeatureExtractor(nn.Module):
         self.neighbourhood = neighbourhood
         self.padding = padding
         self.scales = tuple(float(s) for s in scales)
+        self.photometric = photometric
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """The extractor is always frozen (eval mode)."""
@@ -73,6 +104,7 @@ class PatchFeatureExtractor(nn.Module):
         if self.padding >= min(images.shape[-2:]):
             raise ValueError(f"feature-padding={self.padding}: must be less than the image side "
                              f"({min(images.shape[-2:])} px)")
+        images = photometric_normalised(images, self.photometric)
         pooled = [m for scale in self.scales for m in self._levels_at(images, scale)]
         size = max((m.shape[-2:] for m in pooled), key=lambda s: s[0])
         features = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
@@ -145,8 +177,8 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
 
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
                     checkpoint: str = "", msvt_backbone: str = "lite0",
-                    padding: int = 0, scales: Sequence[float] = (1.0,)
-                    ) -> PatchFeatureExtractor:
+                    padding: int = 0, scales: Sequence[float] = (1.0,),
+                    photometric: str = "none") -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0``, a timm name, or ``msvt``).
 
     Args:
@@ -157,6 +189,7 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
         scales: image resize factors (see :class:`PatchFeatureExtractor`); (1,) for ``msvt``.
+        photometric: per-image normalisation (see :class:`PatchFeatureExtractor`).
     """
     if source == "msvt":
         if not checkpoint:
@@ -171,7 +204,9 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
             raise BackboneError(f"feature-layers={','.join(map(str, layers))}: the MSVT has "
                                 f"stages 0-{len(model.stages) - 1}")
         dims = [model.stages[i].norm.normalized_shape[0] for i in layers]
-        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood)
+        return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood,
+                                     photometric=photometric)
     backbone: FeatureBackbone = create_backbone(
         source, pretrained=source == "lite0", checkpoint=checkpoint or None, out_indices=layers)
-    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales)
+    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales,
+                                 photometric)

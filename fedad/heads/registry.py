@@ -28,7 +28,8 @@ def settings_extractor(settings: HeadSettings, image_size: int,
     return build_extractor(settings.feature_source, layers=settings.layers(),
                            neighbourhood=settings.feature_neighbourhood, image_size=image_size,
                            checkpoint=settings.feature_checkpoint, msvt_backbone=msvt_backbone,
-                           padding=settings.feature_padding, scales=settings.scales())
+                           padding=settings.feature_padding, scales=settings.scales(),
+                           photometric=settings.feature_photometric)
 
 
 @functools.lru_cache(maxsize=2)

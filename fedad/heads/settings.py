@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from fedad.heads.features import PHOTOMETRIC
+
 Number = TypeVar("Number", int, float)
 CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
 IMAGE_SCORES = ("max", "topk")
@@ -30,6 +32,7 @@ class HeadSettings:
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
     feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
+    feature_photometric: str = "none"  # per-image normalisation (fedad.heads.features)
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
@@ -50,6 +53,8 @@ class HeadSettings:
 
     def __post_init__(self) -> None:
         checks = {
+            "feature-photometric": (self.feature_photometric in PHOTOMETRIC,
+                                    f"one of {PHOTOMETRIC}"),
             "bank-clustering": (self.bank_clustering in CLUSTERINGS, f"one of {CLUSTERINGS}"),
             "image-score": (self.image_score in IMAGE_SCORES, f"one of {IMAGE_SCORES}"),
             "gmm-covariance": (self.gmm_covariance in COVARIANCES, f"one of {COVARIANCES}"),
