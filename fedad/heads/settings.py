@@ -3,10 +3,10 @@
 Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
 upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
 ImageNet backbone with a 3 x 3 neighbourhood (PatchCore's defaults). Feature whitening, the
-reflect padding of the image, the backbone seeing it enlarged 3x (feature-scales), the map
-baseline and sigma = 2 (PatchCore's 4 smooths small defects away) were chosen on a validation
-split of synthetic anomalies, large and small, on held-out training normals, never on test
-images (BENCHMARKS.md, feature heads).
+reflect padding of the image, the backbone seeing it enlarged 3x (feature-scales), grey-world
+colour constancy per image (feature-photometric), the map baseline and sigma = 2 (PatchCore's 4
+smooths small defects away) were chosen on a validation split of synthetic anomalies, large and
+small, on held-out training normals, never on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class HeadSettings:
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
     feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
-    feature_photometric: str = "none"  # per-image normalisation (fedad.heads.features)
+    feature_photometric: str = "grey-world"  # per-image normalisation (fedad.heads.features)
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
