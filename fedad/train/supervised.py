@@ -146,7 +146,7 @@ def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
         parts["masks"].append(batch["mask"][:, 0].numpy())
         parts["maps"].append(maps)
         parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
-    return Predictions(**{k: np.concatenate(v) for k, v in parts.items()}).check()
+    return Predictions(**{k: np.concatenate(v) for k, v in parts.items() if v}).check()
 
 
 def build_msvt(cfg: ExperimentConfig) -> nn.Module:
