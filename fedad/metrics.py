@@ -232,9 +232,11 @@ def defect_type_table(labels: np.ndarray, defect_classes: np.ndarray, image_scor
     _check_same_shape(labels, image_scores, "labels", "image_scores", ndim=1)
     _check_same_shape(labels, defect_classes, "labels", "defect_classes", ndim=1)
     _check_finite(image_scores, "image_scores")
-    ranking = image_scores if ranking_scores is None else np.asarray(ranking_scores)
-    _check_same_shape(labels, ranking, "labels", "ranking_scores", ndim=1)
-    _check_finite(ranking, "ranking_scores")
+    ranking = image_scores
+    if ranking_scores is not None:
+        ranking = np.asarray(ranking_scores)
+        _check_same_shape(labels, ranking, "labels", "ranking_scores", ndim=1)
+        _check_finite(ranking, "ranking_scores")
     good = labels == 0
     rows = []
     for index in np.unique(defect_classes):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +23,7 @@ class Predictions:
     masks: np.ndarray  # [N, H, W] {0,1}
     maps: np.ndarray  # [N, H, W] in [0,1]
     images: np.ndarray  # [N, H, W, 3] in [0,1], for plots
-    ranking_scores: np.ndarray | None = field(default=None)  # [N] uncalibrated, or None
+    ranking_scores: np.ndarray | None = None  # [N] uncalibrated, or None
 
     def ranked(self) -> np.ndarray:
         """[N] the image scores to rank (AUROC, ROC curves): ranking_scores if given."""
@@ -32,16 +32,15 @@ class Predictions:
     def check(self) -> Predictions:
         """Assert consistent shapes and finite scores at the module border; returns self."""
         n = len(self.labels)
-        for name in ("defect_classes", "image_scores", "masks", "maps", "images"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"Predictions.{name}: {len(getattr(self, name))} rows != {n}")
+        rows = {name: getattr(self, name) for name in
+                ("defect_classes", "image_scores", "masks", "maps", "images")}
+        rows["ranking_scores"] = self.ranked()
+        for name, values in rows.items():
+            if len(values) != n:
+                raise ValueError(f"Predictions.{name}: {len(values)} rows != {n}")
         if self.maps.shape != self.masks.shape:
             raise ValueError(f"Predictions: maps {self.maps.shape} != masks {self.masks.shape}")
-        if len(self.ranked()) != n:
-            raise ValueError(f"Predictions.ranking_scores: {len(self.ranked())} rows != {n}")
-        for name in ("image_scores", "maps"):
-            if not np.isfinite(getattr(self, name)).all():
+        for name in ("image_scores", "maps", "ranking_scores"):
+            if not np.isfinite(rows[name]).all():
                 raise FloatingPointError(f"Predictions.{name}: non-finite values")
-        if not np.isfinite(self.ranked()).all():
-            raise FloatingPointError("Predictions.ranking_scores: non-finite values")
         return self
