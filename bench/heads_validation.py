@@ -20,6 +20,7 @@ import argparse
 import functools
 import itertools
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,27 +61,29 @@ def validation_split(category: str, image_size: int, seed: int
 
 
 def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
-             extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = ()
-             ) -> list[dict[str, float | str]]:
+             extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = (),
+             prototypes: tuple[int, ...] = ()) -> list[dict[str, float | str]]:
     """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
-    whitened features, for each extent of synthetic anomalies, each smoothing of the map
-    (``map_sigmas``, default settings.map_sigma), and with or without the map baseline (the
-    border artefact of the fit images' maps, fedad.heads.scoring.map_baseline; the bank is
-    fitted and the features are extracted once; ``copies`` anomalous versions of each held-out
-    normal image)."""
+    whitened features, for each extent of synthetic anomalies, each bank size (``prototypes``,
+    default settings.num_prototypes), each smoothing of the map (``map_sigmas``, default
+    settings.map_sigma), and with or without the map baseline (the border artefact of the fit
+    images' maps, fedad.heads.scoring.map_baseline; the features are extracted once and each
+    bank is fitted once; ``copies`` anomalous versions of each held-out normal image)."""
     fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
     fit_patches = extract_patches(extractor, fit, image_size)
     bank = fit_patches.flat(settings.max_patches, seed=seed)
     whitening = Whitening.from_moments([feature_moments(bank)])
     transforms = {"raw": lambda f: f, "whitened": whitening.apply}
-    heads = {name: MemoryBankHead(settings, bank.shape[1], seed) for name in transforms}
-    payloads = {name: heads[name].fit_local(transform(bank))
-                for name, transform in transforms.items()}
+    heads = {(name, k): MemoryBankHead(replace(settings, num_prototypes=k), bank.shape[1], seed)
+             for name, k in itertools.product(transforms, prototypes or
+                                              (settings.num_prototypes,))}
+    payloads = {(name, k): head.fit_local(transforms[name](bank))
+                for (name, k), head in heads.items()}
     sigmas = map_sigmas or (settings.map_sigma,)
-    baselines = {(name, sigma): map_baseline([normal_map(anomaly_maps(
-        heads[name], payloads[name], transform(fit_patches.features), image_size, sigma))])
-        for (name, transform), sigma in itertools.product(transforms.items(), sigmas)}
+    baselines = {(key, sigma): map_baseline([normal_map(anomaly_maps(
+        heads[key], payloads[key], transforms[key[0]](fit_patches.features), image_size, sigma))])
+        for key, sigma in itertools.product(heads, sigmas)}
     labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
     rows = []
     for extent in extents:
@@ -90,11 +93,10 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
             features = torch.cat([extractor(batch)
                                   for batch in torch.cat([normals, anomalous]).split(16)])
         truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-        for (name, transform), sigma, subtract in itertools.product(
-                transforms.items(), sigmas, (False, True)):
-            maps = anomaly_maps(heads[name], payloads[name], transform(features), image_size,
-                                sigma, baselines[name, sigma] if subtract else None)
-            rows.append({"extent": extent, "features": name, "map_sigma": sigma,
+        for key, sigma, subtract in itertools.product(heads, sigmas, (False, True)):
+            maps = anomaly_maps(heads[key], payloads[key], transforms[key[0]](features),
+                                image_size, sigma, baselines[key, sigma] if subtract else None)
+            rows.append({"extent": extent, "features": key[0], "K": key[1], "map_sigma": sigma,
                          "map_baseline": subtract,
                          "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
                          "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
@@ -123,6 +125,8 @@ def main() -> None:
                              "map-sigma's default)")
     parser.add_argument("--copies", type=int, default=1,
                         help="anomalous versions of each held-out normal image")
+    parser.add_argument("--num-prototypes", nargs="+", type=int, default=[],
+                        help="memory bank sizes K to compare (default: num-prototypes' default)")
     parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -138,13 +142,14 @@ def main() -> None:
                                     feature_padding=padding, feature_scales=scales,
                                     feature_photometric=photometric)
             for result in validate(category, image_size, settings, args.seed, args.extents,
-                                   args.copies, tuple(args.map_sigmas)):
+                                   args.copies, tuple(args.map_sigmas),
+                                   tuple(args.num_prototypes)):
                 rows.append({"category": category, "layers": layers, "padding": padding,
                              "scales": scales, "photometric": photometric,
                              "image_size": image_size, **result})
                 log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    keys = ["layers", "padding", "scales", "photometric", "image_size", "extent", "features",
+    keys = ["layers", "padding", "scales", "photometric", "image_size", "K", "extent", "features",
             "map_sigma", "map_baseline"]
     means = table.groupby(keys, as_index=False).mean(numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)

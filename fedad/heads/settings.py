@@ -1,12 +1,13 @@
 """Run-config settings of the feature heads (``method=memorybank|gmm|flow``).
 
-Defaults are fixed a priori from the papers: K = 30 prototypes and Gaussian smoothing of the
-upsampled map (NexViTAD §3.2, §4.4.3); locally aware features from the middle levels of an
-ImageNet backbone with a 3 x 3 neighbourhood (PatchCore's defaults). Feature whitening, the
-reflect padding of the image, the backbone seeing it enlarged 3x (feature-scales), grey-world
-colour constancy per image (feature-photometric), the map baseline and sigma = 2 (PatchCore's 4
-smooths small defects away) were chosen on a validation split of synthetic anomalies, large and
-small, on held-out training normals, never on test images (BENCHMARKS.md, feature heads).
+Defaults are fixed a priori from the papers: Gaussian smoothing of the upsampled map (NexViTAD
+§3.2); locally aware features from the middle levels of an ImageNet backbone with a 3 x 3
+neighbourhood (PatchCore's defaults). Feature whitening, the reflect padding of the image, the
+backbone seeing it enlarged 3x (feature-scales), grey-world colour constancy per image
+(feature-photometric), the map baseline, sigma = 2 (PatchCore's 4 smooths small defects away)
+and K = 300 prototypes (NexViTAD's 30, §4.4.3, is too coarse for Lite0 features on parts) were
+chosen on a validation split of synthetic anomalies, large and small, on held-out training
+normals, never on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class HeadSettings:
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
     bank_clustering: str = "sinkhorn"
-    num_prototypes: int = 30
+    num_prototypes: int = 300  # NexViTAD: 30; chosen on the validation split (BENCHMARKS.md)
     sinkhorn_epsilon: float = 0.05  # relative to the median cost gap (clustering.relative_cost)
     gmm_components: int = 5
     gmm_covariance: str = "full"
