@@ -6,9 +6,9 @@ A fifth of each category's normal training images is held out; the Sinkhorn memo
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
 nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
 whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels,
-reflect padding of the image (feature-padding), set of image scales (feature-scales) and
-per-image normalisation (feature-photometric), on large (the papers' sizes) and small anomalies
-(``--extents``).
+reflect padding of the image (feature-padding), set of image scales (feature-scales),
+per-image normalisation (feature-photometric) and bank size (num-prototypes), on large (the
+papers' sizes) and small anomalies (``--extents``).
 Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
