@@ -34,13 +34,14 @@ class Predictions:
         n = len(self.labels)
         rows = {name: getattr(self, name) for name in
                 ("defect_classes", "image_scores", "masks", "maps", "images")}
-        rows["ranking_scores"] = self.ranked()
+        if self.ranking_scores is not None:
+            rows["ranking_scores"] = self.ranking_scores
         for name, values in rows.items():
             if len(values) != n:
                 raise ValueError(f"Predictions.{name}: {len(values)} rows != {n}")
         if self.maps.shape != self.masks.shape:
             raise ValueError(f"Predictions: maps {self.maps.shape} != masks {self.masks.shape}")
         for name in ("image_scores", "maps", "ranking_scores"):
-            if not np.isfinite(rows[name]).all():
+            if name in rows and not np.isfinite(rows[name]).all():
                 raise FloatingPointError(f"Predictions.{name}: non-finite values")
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -134,7 +135,7 @@ def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
     model.eval()
     loader = make_loader(samples, image_size, batch_size, shuffle=False, defect_types=defect_types)
     sigma = MAP_SMOOTHING_SIGMA * image_size / 128
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in Predictions.__dataclass_fields__}
+    parts: defaultdict[str, list[np.ndarray]] = defaultdict(list)
     for batch in loader:
         output = model(batch["image"])
         maps = torch.sigmoid(output.anomaly_logits)[:, 0].numpy()
@@ -146,7 +147,7 @@ def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
         parts["masks"].append(batch["mask"][:, 0].numpy())
         parts["maps"].append(maps)
         parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
-    return Predictions(**{k: np.concatenate(v) for k, v in parts.items() if v}).check()
+    return Predictions(**{k: np.concatenate(v) for k, v in parts.items()}).check()
 
 
 def build_msvt(cfg: ExperimentConfig) -> nn.Module:
