@@ -5,10 +5,12 @@ round); cross-domain (sources -> target category); the K ablation; latency and m
 Features are extracted once per category and reused by every head; the heads, merges,
 refinements, scoring and calibration are the library functions the Flower workflow runs
 (fedad.heads), called directly. Calibration uses the sites' normal training images; only
-the metrics read the test split. Nothing is tuned here: settings are HeadSettings' defaults.
+the metrics read the test split. Nothing is tuned here: settings are HeadSettings' defaults
+unless ``--set`` changes them.
 
     python bench/heads.py --out /tmp/heads-bench            # all synthetic categories
     python bench/heads.py --out /tmp/heads-bench --latency  # + per-image latency at 128/224
+    python bench/heads.py --out /tmp/heads-bench --set max-patches=8000 map-sigma=4
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedad.config import ExperimentConfig
+from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
 from fedad.experiment import prepare_data
-from fedad.heads.features import PHOTOMETRIC
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, settings_extractor
 from fedad.heads.scoring import (
@@ -291,6 +292,18 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def head_settings_from(items: list[str]) -> HeadSettings:
+    """HeadSettings from ``key=value`` strings (run-config keys); ConfigError naming a key that
+    is not a HeadSettings key or a value that does not fit it."""
+    pairs = dict(item.split("=", 1) if "=" in item else (item, None) for item in items)
+    keys = {f.name.replace("_", "-") for f in dataclasses.fields(HeadSettings)}
+    wrong = [k for k, v in pairs.items() if k not in keys or v is None]
+    if wrong:
+        raise ConfigError(f"--set {' '.join(wrong)}: expected KEY=VALUE with KEY one of "
+                          f"{sorted(keys)}")
+    return ExperimentConfig(extra=pairs).section(HeadSettings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -299,32 +312,17 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heads", nargs="+", default=HEAD_NAMES)
-    parser.add_argument("--max-patches", type=int, default=HeadSettings().max_patches,
-                        help="patches per site used to fit a head")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--skip-categories", action="store_true")
     parser.add_argument("--skip-ablation", action="store_true")
     parser.add_argument("--ablation-ks", nargs="+", type=int, default=[5, 10, 20, 30, 40],
                         help="bank sizes K of the ablation (NexViTAD Fig. 8: 5 10 20 30 40)")
     parser.add_argument("--skip-cross-domain", action="store_true")
-    parser.add_argument("--no-whitening", dest="whitening", action="store_false",
-                        help="heads on raw patch features (feature-whitening=false)")
-    parser.add_argument("--no-map-baseline", dest="map_baseline", action="store_false",
-                        help="score the raw maps (map-baseline=false)")
-    parser.add_argument("--feature-padding", type=int, default=HeadSettings().feature_padding,
-                        help="reflect padding of the images before the backbone, pixels")
-    parser.add_argument("--feature-scales", default=HeadSettings().feature_scales,
-                        help="image resize factors seen by the backbone, e.g. 1,2")
-    parser.add_argument("--feature-photometric", default=HeadSettings().feature_photometric,
-                        choices=PHOTOMETRIC, help="per-image normalisation before the backbone")
-    parser.add_argument("--map-sigma", type=float, default=HeadSettings().map_sigma,
-                        help="Gaussian smoothing of the anomaly map, pixels")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="HeadSettings run-config keys, e.g. max-patches=8000 "
+                             "feature-whitening=false map-sigma=2 (default: their defaults)")
     args = parser.parse_args()
-    args.settings = HeadSettings(feature_padding=args.feature_padding,
-                                 feature_scales=args.feature_scales, map_sigma=args.map_sigma,
-                                 feature_photometric=args.feature_photometric,
-                                 max_patches=args.max_patches, feature_whitening=args.whitening,
-                                 map_baseline=args.map_baseline)
+    args.settings = head_settings_from(args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
