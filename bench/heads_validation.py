@@ -4,11 +4,11 @@ synthetic anomalies on held-out normal training images.
 A fifth of each category's normal training images is held out; the Sinkhorn memory bank
 (HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
 (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
-nothing of the synthetic data generator). Image and pixel AUROC on that split compare raw and
-whitened patch features (fedad.heads.whitening) at each image size, set of backbone levels,
-reflect padding of the image (feature-padding), set of image scales (feature-scales),
-per-image normalisation (feature-photometric) and bank size (num-prototypes), on large (the
-papers' sizes) and small anomalies (``--extents``).
+nothing of the synthetic data generator). Image and pixel AUROC on that split compare, on
+whitened patch features (fedad.heads.whitening; ``--features raw whitened`` adds raw ones),
+each image size, set of backbone levels, reflect padding of the image (feature-padding), set
+of image scales (feature-scales), per-image normalisation (feature-photometric) and bank size
+(num-prototypes), on large (the papers' sizes) and small anomalies (``--extents``).
 Only training images are read, so the same procedure serves real data.
 
     python bench/heads_validation.py --out /tmp/heads-validation
@@ -62,19 +62,22 @@ def validation_split(category: str, image_size: int, seed: int
 
 def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
              extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = (),
-             prototypes: tuple[int, ...] = ()) -> list[dict[str, float | str]]:
-    """Validation image / pixel AUROC of the Sinkhorn bank on one category, on raw and on
-    whitened features, for each extent of synthetic anomalies, each bank size (``prototypes``,
-    default settings.num_prototypes), each smoothing of the map (``map_sigmas``, default
-    settings.map_sigma), and with or without the map baseline (the border artefact of the fit
-    images' maps, fedad.heads.scoring.map_baseline; the features are extracted once and each
-    bank is fitted once; ``copies`` anomalous versions of each held-out normal image)."""
+             prototypes: tuple[int, ...] = (), features: tuple[str, ...] = ("whitened",)
+             ) -> list[dict[str, float | str]]:
+    """Validation image / pixel AUROC of the Sinkhorn bank on one category, on each of
+    ``features`` ("raw", "whitened"), for each extent of synthetic anomalies, each bank size
+    (``prototypes``, default settings.num_prototypes), each smoothing of the map
+    (``map_sigmas``, default settings.map_sigma), and with or without the map baseline (the
+    border artefact of the fit images' maps, fedad.heads.scoring.map_baseline; the features
+    are extracted once and each bank is fitted once; ``copies`` anomalous versions of each
+    held-out normal image)."""
     fit, normals = validation_split(category, image_size, seed)
     extractor = cached_extractor(settings, image_size)
     fit_patches = extract_patches(extractor, fit, image_size)
     bank = fit_patches.flat(settings.max_patches, seed=seed)
     whitening = Whitening.from_moments([feature_moments(bank)])
-    transforms = {"raw": lambda f: f, "whitened": whitening.apply}
+    transforms = {name: transform for name, transform in
+                  (("raw", lambda f: f), ("whitened", whitening.apply)) if name in features}
     heads = {(name, k): MemoryBankHead(replace(settings, num_prototypes=k), bank.shape[1], seed)
              for name, k in itertools.product(transforms, prototypes or
                                               (settings.num_prototypes,))}
@@ -127,6 +130,8 @@ def main() -> None:
                         help="anomalous versions of each held-out normal image")
     parser.add_argument("--num-prototypes", nargs="+", type=int, default=[],
                         help="memory bank sizes K to compare (default: num-prototypes' default)")
+    parser.add_argument("--features", nargs="+", default=["whitened"],
+                        choices=["raw", "whitened"], help="patch features the banks are fitted on")
     parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -143,7 +148,7 @@ def main() -> None:
                                     feature_photometric=photometric)
             for result in validate(category, image_size, settings, args.seed, args.extents,
                                    args.copies, tuple(args.map_sigmas),
-                                   tuple(args.num_prototypes)):
+                                   tuple(args.num_prototypes), tuple(args.features)):
                 rows.append({"category": category, "layers": layers, "padding": padding,
                              "scales": scales, "photometric": photometric,
                              "image_size": image_size, **result})
