@@ -134,3 +134,20 @@ def test_metrics_rank_raw_scores_when_the_calibration_saturates():
                              ranking_scores=predictions.ranked())
     assert rows[1]["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert rows[1]["flagged"] == 1.0  # the share flagged still reads the calibrated threshold
+
+
+def test_maps_are_scored_a_few_images_at_a_time_and_in_order(monkeypatch):
+    class RecordingHead(FirstChannelHead):
+        def patch_scores(self, head, features):
+            seen.append(len(features))
+            return super().patch_scores(head, features)
+
+    features = drawn_maps(5, (8, 6), 0)
+    seen: list[int] = []
+    whole = anomaly_maps(RecordingHead(HeadSettings(), 1), None, features, SIZE, sigma=1)
+    assert seen == [5 * SIZE * SIZE]
+    monkeypatch.setattr("fedad.heads.scoring.PATCHES_PER_CHUNK", 2 * SIZE * SIZE + 1)
+    seen.clear()
+    chunked = anomaly_maps(RecordingHead(HeadSettings(), 1), None, features, SIZE, sigma=1)
+    assert seen == [2 * SIZE * SIZE, 2 * SIZE * SIZE, SIZE * SIZE]
+    np.testing.assert_array_equal(chunked, whole)

@@ -31,6 +31,9 @@ from fedad.heads.settings import HeadSettings
 THRESHOLD_STDS = 3.0
 RISE_TOLERANCE = 0.01
 BASELINE_RECORD = "map-baseline"  # the array record that carries the baseline to the sites
+PATCHES_PER_CHUNK = 1 << 16
+"""Patches a head scores at once in :func:`anomaly_maps` (bounds its intermediate arrays: a
+full-covariance GMM holds [patches, components, D] in float64)."""
 
 
 @dataclass
@@ -73,11 +76,13 @@ def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
 
 def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, image_size: int,
                  sigma: float, baseline: np.ndarray | None = None) -> np.ndarray:
-    """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload``,
-    upsampled bilinearly to ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus
-    ``baseline`` [H, W] when given (:func:`map_baseline`)."""
+    """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload`` (a few
+    images at a time, :data:`PATCHES_PER_CHUNK`), upsampled bilinearly to ``image_size``,
+    Gaussian-smoothed with ``sigma`` pixels, minus ``baseline`` [H, W] when given
+    (:func:`map_baseline`)."""
     n, d, h, w = features.shape
-    scores = head.patch_scores(payload, features.permute(0, 2, 3, 1).reshape(-1, d))
+    scores = torch.cat([head.patch_scores(payload, chunk.permute(0, 2, 3, 1).reshape(-1, d))
+                        for chunk in features.split(max(1, PATCHES_PER_CHUNK // (h * w)))])
     patch_maps = scores.reshape(n, 1, h, w).float()
     maps = F.interpolate(patch_maps, size=(image_size, image_size), mode="bilinear",
                          align_corners=False)[:, 0].numpy()
