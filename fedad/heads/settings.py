@@ -1,13 +1,14 @@
 """Run-config settings of the feature heads (``method=memorybank|gmm|flow``).
 
 Defaults are fixed a priori from the papers: Gaussian smoothing of the upsampled map (NexViTAD
-§3.2); locally aware features from the middle levels of an ImageNet backbone with a 3 x 3
-neighbourhood (PatchCore's defaults). Feature whitening, the reflect padding of the image, the
-backbone seeing it enlarged 3x (feature-scales), grey-world colour constancy per image
-(feature-photometric), the map baseline, sigma = 2 (PatchCore's 4 smooths small defects away)
-and K = 300 prototypes (NexViTAD's 30, §4.4.3, is too coarse for Lite0 features on parts) were
-chosen on a validation split of synthetic anomalies, large and small, on held-out training
-normals, never on test images (BENCHMARKS.md, feature heads).
+§3.2); locally aware features of an ImageNet backbone with a 3 x 3 neighbourhood (PatchCore's
+defaults). Feature whitening, the reflect padding of the image, the backbone seeing it enlarged
+3x (feature-scales), grey-world colour constancy per image (feature-photometric), the map
+baseline, sigma = 2 (PatchCore's 4 smooths small defects away), K = 300 prototypes
+(NexViTAD's 30, §4.4.3, is too coarse for Lite0 features on parts) and the stride-4 level
+beside PatchCore's middle levels (feature-layers 1,2,3 rather than 2,3) were chosen on a
+validation split of synthetic anomalies, large and small, on held-out training normals, never
+on test images (BENCHMARKS.md, feature heads).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class HeadSettings:
     """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
 
     feature_source: str = "lite0"  # lite0 | any timm name | msvt
-    feature_layers: str = "2,3"  # timm out_indices (MSVT: stage indices)
+    feature_layers: str = "1,2,3"  # timm out_indices, Lite0 strides 4/8/16 (MSVT: stages)
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
     feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
