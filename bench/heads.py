@@ -175,7 +175,7 @@ def run_categories(args: argparse.Namespace, extractor
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
         central = [pooled(sites)]
-        for variant in variants(central[0].flat().shape[0], args.settings):
+        for variant in variants(central[0].num_patches, args.settings):
             if variant.name not in args.heads:
                 continue
             settings = [("centralized", central, 1)]
@@ -265,7 +265,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
             whitening = Whitening.from_moments([feature_moments(
                 sites[0].flat(args.settings.max_patches, seed=args.seed))])
             sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
-        for variant in variants(sites[0].flat().shape[0], args.settings):
+        for variant in variants(sites[0].num_patches, args.settings):
             payload = fit(variant, sites, args.seed, 1)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             sigma = variant.settings.map_sigma

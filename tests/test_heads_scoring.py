@@ -151,3 +151,14 @@ def test_maps_are_scored_a_few_images_at_a_time_and_in_order(monkeypatch):
     chunked = anomaly_maps(RecordingHead(HeadSettings(), 1), None, features, SIZE, sigma=1)
     assert seen == [2 * SIZE * SIZE, 2 * SIZE * SIZE, SIZE * SIZE]
     np.testing.assert_array_equal(chunked, whole)
+
+
+def test_a_subsample_of_patches_is_the_same_rows_as_from_the_full_flattening():
+    features = torch.randn(3, 5, 4, 6)
+    patches = PatchSet(features, np.zeros(3), np.zeros(3), np.zeros((3, 8, 8)),
+                       np.zeros((3, 8, 8, 3)))
+    full = features.permute(0, 2, 3, 1).reshape(-1, 5)
+    assert patches.num_patches == 72 and torch.equal(patches.flat(), full)
+    rows = torch.randperm(72, generator=torch.Generator().manual_seed(7))[:10]
+    assert torch.equal(patches.flat(10, seed=7), full[rows])
+    assert torch.equal(patches.flat(72, seed=7), full)  # no subsample at the limit

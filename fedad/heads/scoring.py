@@ -46,13 +46,21 @@ class PatchSet:
     masks: np.ndarray  # [N, H, W]
     images: np.ndarray  # [N, H, W, 3]
 
+    @property
+    def num_patches(self) -> int:
+        """N * h * w."""
+        n, _, h, w = self.features.shape
+        return n * h * w
+
     def flat(self, limit: int | None = None, seed: int = 0) -> torch.Tensor:
-        """All patch features as [N * h * w, D], or a seeded subsample of ``limit`` of them."""
-        flat = self.features.permute(0, 2, 3, 1).reshape(-1, self.features.shape[1])
-        if limit is not None and len(flat) > limit:
-            generator = torch.Generator().manual_seed(seed)
-            flat = flat[torch.randperm(len(flat), generator=generator)[:limit]]
-        return flat
+        """All patch features as [N * h * w, D] (row order image, y, x), or a seeded subsample
+        of ``limit`` of those rows, gathered without copying the others."""
+        _, d, h, w = self.features.shape
+        if limit is None or self.num_patches <= limit:
+            return self.features.permute(0, 2, 3, 1).reshape(-1, d)
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(self.num_patches, generator=generator)[:limit]
+        return self.features.flatten(2)[rows // (h * w), :, rows % (h * w)]
 
 
 def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
