@@ -19,6 +19,7 @@ from fedad.heads.scoring import (
     normal_map,
 )
 from fedad.heads.settings import HeadSettings
+from fedad.heads.whitening import Whitening, feature_moments
 from fedad.heads.workflow import evaluate_head
 from fedad.metrics import defect_type_table
 
@@ -162,3 +163,15 @@ def test_a_subsample_of_patches_is_the_same_rows_as_from_the_full_flattening():
     rows = torch.randperm(72, generator=torch.Generator().manual_seed(7))[:10]
     assert torch.equal(patches.flat(10, seed=7), full[rows])
     assert torch.equal(patches.flat(72, seed=7), full)  # no subsample at the limit
+
+
+def test_maps_whitened_chunk_by_chunk_equal_maps_of_the_whitened_set(monkeypatch):
+    features = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    whitening = Whitening.from_moments([feature_moments(
+        features.permute(0, 2, 3, 1).reshape(-1, 3))])
+    head = FirstChannelHead(HeadSettings(), 3)
+    monkeypatch.setattr("fedad.heads.scoring.PATCHES_PER_CHUNK", 2 * SIZE * SIZE)
+    chunked = anomaly_maps(head, None, features, SIZE, 1, whitening=whitening)
+    whole = anomaly_maps(head, None, whitening.apply(features), SIZE, 1)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(chunked, anomaly_maps(head, None, features, SIZE, 1))

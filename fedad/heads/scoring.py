@@ -27,6 +27,7 @@ from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor
 from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
+from fedad.heads.whitening import Whitening
 
 THRESHOLD_STDS = 3.0
 RISE_TOLERANCE = 0.01
@@ -83,13 +84,20 @@ def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
 
 
 def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, image_size: int,
-                 sigma: float, baseline: np.ndarray | None = None) -> np.ndarray:
+                 sigma: float, baseline: np.ndarray | None = None,
+                 whitening: Whitening | None = None) -> np.ndarray:
     """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload`` (a few
-    images at a time, :data:`PATCHES_PER_CHUNK`), upsampled bilinearly to ``image_size``,
-    Gaussian-smoothed with ``sigma`` pixels, minus ``baseline`` [H, W] when given
-    (:func:`map_baseline`)."""
+    images at a time, :data:`PATCHES_PER_CHUNK`, each chunk whitened by ``whitening`` if given,
+    so that no whitened copy of the whole set is made), upsampled bilinearly to
+    ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus ``baseline`` [H, W] when
+    given (:func:`map_baseline`)."""
     n, d, h, w = features.shape
-    scores = torch.cat([head.patch_scores(payload, chunk.permute(0, 2, 3, 1).reshape(-1, d))
+
+    def chunk_scores(chunk: torch.Tensor) -> torch.Tensor:
+        flat = chunk.permute(0, 2, 3, 1).reshape(-1, d)
+        return head.patch_scores(payload, flat if whitening is None else whitening.apply(flat))
+
+    scores = torch.cat([chunk_scores(chunk)
                         for chunk in features.split(max(1, PATCHES_PER_CHUNK // (h * w)))])
     patch_maps = scores.reshape(n, 1, h, w).float()
     maps = F.interpolate(patch_maps, size=(image_size, image_size), mode="bilinear",

@@ -9,7 +9,6 @@ import functools
 import logging
 
 import numpy as np
-import torch
 
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
@@ -54,10 +53,6 @@ def site_feature_moments(cfg: ExperimentConfig, partition_id: int,
                                         seed=cfg.seed + partition_id))
 
 
-def _whiten(features: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
-    return features if whitening is None else whitening.apply(features)
-
-
 def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
                   global_head: Payload | None, whitening: Whitening | None = None
                   ) -> Payload | None:
@@ -68,8 +63,9 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     if patches is None:
         return None
     head = head_for(cfg)
-    features = _whiten(patches.flat(head_settings(cfg).max_patches,
-                                    seed=cfg.seed + partition_id), whitening)
+    features = patches.flat(head_settings(cfg).max_patches, seed=cfg.seed + partition_id)
+    if whitening is not None:
+        features = whitening.apply(features)
     if global_head is None:
         return head.fit_local(features)
     return head.refine_local(global_head, features)
@@ -85,7 +81,7 @@ def site_normal_map(cfg: ExperimentConfig, partition_id: int, num_partitions: in
         return None
     head, sigma = head_for(cfg), head_settings(cfg).map_sigma
     return normal_map(np.concatenate([
-        anomaly_maps(head, global_head, _whiten(p.features, whitening), cfg.image_size, sigma)
+        anomaly_maps(head, global_head, p.features, cfg.image_size, sigma, whitening=whitening)
         for p in sets]))
 
 
@@ -100,6 +96,6 @@ def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions
     if patches is None:
         return None
     settings = head_settings(cfg)
-    maps = anomaly_maps(head_for(cfg), global_head, _whiten(patches.features, whitening),
-                        cfg.image_size, settings.map_sigma, baseline)
+    maps = anomaly_maps(head_for(cfg), global_head, patches.features, cfg.image_size,
+                        settings.map_sigma, baseline, whitening)
     return score_moments(maps, image_scores(maps, settings))
