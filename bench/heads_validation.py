@@ -76,16 +76,18 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
     fit_patches = extract_patches(extractor, fit, image_size)
     bank = fit_patches.flat(settings.max_patches, seed=seed)
     whitening = Whitening.from_moments([feature_moments(bank)])
-    transforms = {name: transform for name, transform in
-                  (("raw", lambda f: f), ("whitened", whitening.apply)) if name in features}
+    whitenings = {name: w for name, w in (("raw", None), ("whitened", whitening))
+                  if name in features}
     heads = {(name, k): MemoryBankHead(replace(settings, num_prototypes=k), bank.shape[1], seed)
-             for name, k in itertools.product(transforms, prototypes or
+             for name, k in itertools.product(whitenings, prototypes or
                                               (settings.num_prototypes,))}
-    payloads = {(name, k): head.fit_local(transforms[name](bank))
+    payloads = {(name, k): head.fit_local(bank if whitenings[name] is None
+                                          else whitenings[name].apply(bank))
                 for (name, k), head in heads.items()}
     sigmas = map_sigmas or (settings.map_sigma,)
     baselines = {(key, sigma): map_baseline([normal_map(anomaly_maps(
-        heads[key], payloads[key], transforms[key[0]](fit_patches.features), image_size, sigma))])
+        heads[key], payloads[key], fit_patches.features, image_size, sigma,
+        whitening=whitenings[key[0]]))])
         for key, sigma in itertools.product(heads, sigmas)}
     labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
     rows = []
@@ -96,13 +98,16 @@ def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
             features = torch.cat([extractor(batch)
                                   for batch in torch.cat([normals, anomalous]).split(16)])
         truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-        for key, sigma, subtract in itertools.product(heads, sigmas, (False, True)):
-            maps = anomaly_maps(heads[key], payloads[key], transforms[key[0]](features),
-                                image_size, sigma, baselines[key, sigma] if subtract else None)
-            rows.append({"extent": extent, "features": key[0], "K": key[1], "map_sigma": sigma,
-                         "map_baseline": subtract,
-                         "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
-                         "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
+        for key, sigma in itertools.product(heads, sigmas):
+            raw_maps = anomaly_maps(heads[key], payloads[key], features, image_size, sigma,
+                                    whitening=whitenings[key[0]])
+            for subtract in (False, True):
+                maps = raw_maps - baselines[key, sigma] if subtract else raw_maps
+                rows.append({
+                    "extent": extent, "features": key[0], "K": key[1], "map_sigma": sigma,
+                    "map_baseline": subtract,
+                    "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
+                    "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
     return rows
 
 
