@@ -30,7 +30,7 @@ from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
-from fedad.heads.registry import HEADS, settings_extractor
+from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
 from fedad.heads.scoring import (
     PatchSet,
     ScoreScale,
@@ -292,18 +292,6 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def head_settings_from(items: list[str]) -> HeadSettings:
-    """HeadSettings from ``key=value`` strings (run-config keys); ConfigError naming a key that
-    is not a HeadSettings key or a value that does not fit it."""
-    pairs = dict(item.split("=", 1) if "=" in item else (item, None) for item in items)
-    keys = {f.name.replace("_", "-") for f in dataclasses.fields(HeadSettings)}
-    wrong = [k for k, v in pairs.items() if k not in keys or v is None]
-    if wrong:
-        raise ConfigError(f"--set {' '.join(wrong)}: expected KEY=VALUE with KEY one of "
-                          f"{sorted(keys)}")
-    return ExperimentConfig(extra=pairs).section(HeadSettings)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -322,7 +310,10 @@ def main() -> None:
                         help="HeadSettings run-config keys, e.g. max-patches=8000 "
                              "feature-whitening=false map-sigma=2 (default: their defaults)")
     args = parser.parse_args()
-    args.settings = head_settings_from(args.set)
+    try:
+        args.settings = head_settings_from(args.set)
+    except ConfigError as err:
+        parser.error(f"--set {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,27 @@
-"""Choosing the feature heads' preprocessing without test images: a validation split of
-synthetic anomalies on held-out normal training images.
+"""Choosing the feature heads' settings without test images: a validation split of synthetic
+anomalies on held-out normal training images.
 
-A fifth of each category's normal training images is held out; the Sinkhorn memory bank
-(HeadSettings' defaults) is fitted on the rest; the held-out images are scored as they are
-(normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows
-nothing of the synthetic data generator). Image and pixel AUROC on that split compare, on
-whitened patch features (fedad.heads.whitening; ``--features raw whitened`` adds raw ones),
-each image size, set of backbone levels, reflect padding of the image (feature-padding), set
-of image scales (feature-scales), per-image normalisation (feature-photometric) and bank size
-(num-prototypes), on large (the papers' sizes) and small anomalies (``--extents``).
+A fifth of each category's normal training images is held out; the Sinkhorn memory bank is
+fitted on the rest; the held-out images are scored as they are (normal) and with DRAEM /
+CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows nothing of the synthetic
+data generator). Image and pixel AUROC on that split compare the values of any HeadSettings
+keys (``--vary KEY VALUE ...``, repeatable; every combination is run), at each image size, on
+large (the papers' sizes) and small anomalies (``--extents``). Features are extracted once per
+combination of feature settings, each bank is fitted once and each map computed once.
 Only training images are read, so the same procedure serves real data.
 
-    python bench/heads_validation.py --out /tmp/heads-validation
+    python bench/heads_validation.py --out /tmp/hv --vary feature-layers 2,3 1,2,3 \
+        --vary map-baseline false true --extents small large
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import logging
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,10 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from fedad.config import ConfigError
 from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
-from fedad.heads.features import PHOTOMETRIC
 from fedad.heads.memory_bank import MemoryBankHead
-from fedad.heads.registry import settings_extractor
+from fedad.heads.registry import head_settings_from, settings_extractor
 from fedad.heads.scoring import (
     anomaly_maps,
     extract_patches,
@@ -45,6 +46,12 @@ from fedad.train.synthetic_anomalies import EXTENTS, AnomalySynthesizer
 
 log = logging.getLogger("bench.heads_validation")
 HOLDOUT = 0.2
+FEATURE_FIELDS = tuple(f.name for f in dataclasses.fields(HeadSettings)
+                       if f.name.startswith("feature_") and f.name != "feature_whitening")
+"""Settings that change the patch features (features are extracted once per combination)."""
+MAP_FIELDS = ("map_sigma", "map_baseline")
+IMAGE_SCORE_FIELDS = ("image_score", "topk_fraction")
+"""Settings applied to the maps of a fitted bank; every other field changes the fit."""
 cached_extractor = functools.cache(settings_extractor)
 """One extractor per (settings, image size), shared by the categories."""
 
@@ -60,55 +67,63 @@ def validation_split(category: str, image_size: int, seed: int
     return [train[i] for i in order[held:]], normals
 
 
-def validate(category: str, image_size: int, settings: HeadSettings, seed: int,
-             extents: list[str], copies: int = 1, map_sigmas: tuple[float, ...] = (),
-             prototypes: tuple[int, ...] = (), features: tuple[str, ...] = ("whitened",)
-             ) -> list[dict[str, float | str]]:
-    """Validation image / pixel AUROC of the Sinkhorn bank on one category, on each of
-    ``features`` ("raw", "whitened"), for each extent of synthetic anomalies, each bank size
-    (``prototypes``, default settings.num_prototypes), each smoothing of the map
-    (``map_sigmas``, default settings.map_sigma), and with or without the map baseline (the
-    border artefact of the fit images' maps, fedad.heads.scoring.map_baseline; the features
-    are extracted once and each bank is fitted once; ``copies`` anomalous versions of each
-    held-out normal image)."""
+def grouped(points: list[HeadSettings], fields: tuple[str, ...]
+            ) -> Iterator[tuple[HeadSettings, list[HeadSettings]]]:
+    """(first point, points) for each distinct value of ``fields`` among ``points``, in order."""
+    groups: dict[tuple, list[HeadSettings]] = {}
+    for point in points:
+        groups.setdefault(tuple(getattr(point, f) for f in fields), []).append(point)
+    for members in groups.values():
+        yield members[0], members
+
+
+def validate(category: str, image_size: int, points: list[HeadSettings], seed: int,
+             extents: list[str], copies: int = 1
+             ) -> Iterator[tuple[HeadSettings, str, dict[str, float]]]:
+    """(settings, extent, validation image / pixel AUROC) of the Sinkhorn bank on one category
+    for each of ``points`` and each extent of synthetic anomalies (``copies`` anomalous versions
+    of each held-out normal image)."""
     fit, normals = validation_split(category, image_size, seed)
-    extractor = cached_extractor(settings, image_size)
-    fit_patches = extract_patches(extractor, fit, image_size)
-    bank = fit_patches.flat(settings.max_patches, seed=seed)
-    whitening = Whitening.from_moments([feature_moments(bank)])
-    whitenings = {name: w for name, w in (("raw", None), ("whitened", whitening))
-                  if name in features}
-    heads = {(name, k): MemoryBankHead(replace(settings, num_prototypes=k), bank.shape[1], seed)
-             for name, k in itertools.product(whitenings, prototypes or
-                                              (settings.num_prototypes,))}
-    payloads = {(name, k): head.fit_local(bank if whitenings[name] is None
-                                          else whitenings[name].apply(bank))
-                for (name, k), head in heads.items()}
-    sigmas = map_sigmas or (settings.map_sigma,)
-    baselines = {(key, sigma): map_baseline([normal_map(anomaly_maps(
-        heads[key], payloads[key], fit_patches.features, image_size, sigma,
-        whitening=whitenings[key[0]]))])
-        for key, sigma in itertools.product(heads, sigmas)}
+    anomalies = {extent: AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
+        normals.repeat(copies, 1, 1, 1)) for extent in extents}
     labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
-    rows = []
-    for extent in extents:
-        anomalous, masks = AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
-            normals.repeat(copies, 1, 1, 1))
+    fit_fields = tuple(f.name for f in dataclasses.fields(HeadSettings)
+                       if f.name not in MAP_FIELDS + IMAGE_SCORE_FIELDS)
+    for extraction, by_features in grouped(points, FEATURE_FIELDS):
+        extractor = cached_extractor(extraction, image_size)
+        fit_patches = extract_patches(extractor, fit, image_size)
         with torch.no_grad():  # in batches: at feature-scales=3 the backbone's maps are large
-            features = torch.cat([extractor(batch)
-                                  for batch in torch.cat([normals, anomalous]).split(16)])
-        truth = np.r_[np.zeros(len(normals) * image_size**2), masks.flatten().numpy()] > 0.5
-        for key, sigma in itertools.product(heads, sigmas):
-            raw_maps = anomaly_maps(heads[key], payloads[key], features, image_size, sigma,
-                                    whitening=whitenings[key[0]])
-            for subtract in (False, True):
-                maps = raw_maps - baselines[key, sigma] if subtract else raw_maps
-                rows.append({
-                    "extent": extent, "features": key[0], "K": key[1], "map_sigma": sigma,
-                    "map_baseline": subtract,
-                    "val_image_auroc": roc_auc_score(labels, image_scores(maps, settings)),
-                    "val_pixel_auroc": roc_auc_score(truth, maps.reshape(-1))})
-    return rows
+            held_out = {extent: torch.cat([extractor(batch) for batch in torch.cat(
+                [normals, anomalous]).split(16)]) for extent, (anomalous, _) in anomalies.items()}
+        for settings, by_fit in grouped(by_features, fit_fields):
+            bank = fit_patches.flat(settings.max_patches, seed=seed)
+            whitening = (Whitening.from_moments([feature_moments(bank)])
+                         if settings.feature_whitening else None)
+            head = MemoryBankHead(settings, bank.shape[1], seed)
+            payload = head.fit_local(bank if whitening is None else whitening.apply(bank))
+            for mapping, by_map in grouped(by_fit, MAP_FIELDS):
+                maps_of = functools.partial(anomaly_maps, head, payload, image_size=image_size,
+                                            sigma=mapping.map_sigma, whitening=whitening)
+                baseline = (map_baseline([normal_map(maps_of(fit_patches.features))])
+                            if mapping.map_baseline else 0.0)
+                for extent, (_, masks) in anomalies.items():
+                    maps = maps_of(held_out[extent]) - baseline
+                    truth = np.r_[np.zeros(len(normals) * image_size**2),
+                                  masks.flatten().numpy()] > 0.5
+                    pixel_auroc = roc_auc_score(truth, maps.reshape(-1))
+                    for point in by_map:
+                        yield point, extent, {
+                            "val_image_auroc": roc_auc_score(labels, image_scores(maps, point)),
+                            "val_pixel_auroc": pixel_auroc}
+
+
+def grid(base: list[str], vary: list[list[str]]) -> tuple[list[str], list[HeadSettings]]:
+    """(varied run-config keys, settings of every combination of their values over ``base``
+    KEY=VALUE items); ConfigError naming a bad key or value."""
+    keys = [key for key, *_ in vary]
+    points = [head_settings_from([*base, *(f"{k}={v}" for k, v in zip(keys, values, strict=True))])
+              for values in itertools.product(*(values for _, *values in vary))]
+    return keys, points
 
 
 def main() -> None:
@@ -116,52 +131,38 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
-    parser.add_argument("--feature-layers", nargs="+", default=[HeadSettings().feature_layers],
-                        help="backbone levels to compare, e.g. 2,3 1,2")
-    parser.add_argument("--feature-paddings", nargs="+", type=int,
-                        default=[HeadSettings().feature_padding],
-                        help="reflect paddings to compare, pixels, e.g. 0 32")
-    parser.add_argument("--feature-scales", nargs="+", default=[HeadSettings().feature_scales],
-                        help="image resize factors to compare, e.g. 1 1,2")
-    parser.add_argument("--feature-photometrics", nargs="+",
-                        default=[HeadSettings().feature_photometric], choices=PHOTOMETRIC,
-                        help="per-image normalisations to compare, e.g. none grey-world")
+    parser.add_argument("--vary", nargs="+", action="append", default=[],
+                        metavar="KEY VALUE",
+                        help="a HeadSettings run-config key and the values to compare, e.g. "
+                             "--vary feature-layers 2,3 1,2,3 (repeatable: every combination)")
+    parser.add_argument("--set", nargs="+", action="extend", default=["max-patches=8000"],
+                        metavar="KEY=VALUE", help="the other settings (default: HeadSettings' "
+                        "defaults, max-patches=8000)")
     parser.add_argument("--extents", nargs="+", default=["large"], choices=sorted(EXTENTS),
                         help="sizes of the synthetic anomalies (fedad.train.synthetic_anomalies)")
-    parser.add_argument("--map-sigmas", nargs="+", type=float, default=[],
-                        help="Gaussian smoothing of the map to compare, pixels (default: "
-                             "map-sigma's default)")
     parser.add_argument("--copies", type=int, default=1,
                         help="anomalous versions of each held-out normal image")
-    parser.add_argument("--num-prototypes", nargs="+", type=int, default=[],
-                        help="memory bank sizes K to compare (default: num-prototypes' default)")
-    parser.add_argument("--features", nargs="+", default=["whitened"],
-                        choices=["raw", "whitened"], help="patch features the banks are fitted on")
-    parser.add_argument("--max-patches", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if any(len(values) < 2 for values in args.vary):
+        parser.error("--vary KEY VALUE [VALUE ...]: a key and at least one value")
+    try:
+        keys, points = grid(args.set, args.vary)
+    except ConfigError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for category in args.categories:
-        for layers, padding, scales, photometric, image_size in itertools.product(
-                args.feature_layers, args.feature_paddings, args.feature_scales,
-                args.feature_photometrics, args.image_sizes):
-            settings = HeadSettings(max_patches=args.max_patches, feature_layers=layers,
-                                    feature_padding=padding, feature_scales=scales,
-                                    feature_photometric=photometric)
-            for result in validate(category, image_size, settings, args.seed, args.extents,
-                                   args.copies, tuple(args.map_sigmas),
-                                   tuple(args.num_prototypes), tuple(args.features)):
-                rows.append({"category": category, "layers": layers, "padding": padding,
-                             "scales": scales, "photometric": photometric,
-                             "image_size": image_size, **result})
-                log.info("%s", rows[-1])
+    for category, image_size in itertools.product(args.categories, args.image_sizes):
+        for point, extent, result in validate(category, image_size, points, args.seed,
+                                              args.extents, args.copies):
+            rows.append({"category": category, "image_size": image_size, "extent": extent,
+                         **{k: getattr(point, k.replace("-", "_")) for k in keys}, **result})
+            log.info("%s", rows[-1])
     table = pd.DataFrame(rows)
-    keys = ["layers", "padding", "scales", "photometric", "image_size", "K", "extent", "features",
-            "map_sigma", "map_baseline"]
-    means = table.groupby(keys, as_index=False).mean(numeric_only=True)
+    means = table.groupby(["image_size", "extent", *keys], as_index=False).mean(
+        numeric_only=True)
     table = pd.concat([table, means.assign(category="mean")], ignore_index=True)
     table.to_csv(args.out / "validation.csv", index=False)
     print(table.to_markdown(index=False, floatfmt=".3f"))

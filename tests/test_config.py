@@ -3,6 +3,7 @@
 import pytest
 
 from fedad.config import ConfigError, ExperimentConfig
+from fedad.heads.registry import head_settings_from
 
 
 def test_from_run_config_converts_kebab_keys_and_types():
@@ -58,3 +59,17 @@ def test_section_reads_a_methods_own_settings_with_types_and_errors():
     assert cfg.section(Settings) == Settings(tau=0.5, num_steps=3, use_gate=True)
     with pytest.raises(ConfigError, match="num-steps"):
         ExperimentConfig.from_run_config({"num-steps": 2.5}).section(Settings)
+
+
+def test_head_settings_from_key_value_items_converts_and_names_bad_items():
+    settings = head_settings_from(["num-prototypes=40", "map-baseline=false",
+                                   "feature-layers=2,3"])
+    assert settings.num_prototypes == 40
+    assert settings.map_baseline is False
+    assert settings.layers() == (2, 3)
+    for items, needle in ((["num-protoypes=4"], "num-protoypes=4"),
+                          (["max-patches"], "max-patches: expected KEY=VALUE"),
+                          (["max-patches=x"], "max-patches='x'"),
+                          (["image-score=mean"], "image-score='mean'")):
+        with pytest.raises(ConfigError, match=needle):
+            head_settings_from(items)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Iterable
 
-from fedad.config import ExperimentConfig
+from fedad.config import ConfigError, ExperimentConfig
 from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor, build_extractor
 from fedad.heads.flow import FlowHead
@@ -20,6 +22,19 @@ HEADS: dict[str, type[FeatureHead]] = {
 def head_settings(cfg: ExperimentConfig) -> HeadSettings:
     """The run's :class:`HeadSettings` (ConfigError naming a bad key)."""
     return cfg.section(HeadSettings)
+
+
+def head_settings_from(items: Iterable[str]) -> HeadSettings:
+    """HeadSettings from ``KEY=VALUE`` strings of run-config keys (values converted to the field
+    types); ConfigError naming a malformed item, a key that is not a HeadSettings key, or a
+    value that does not fit."""
+    items = list(items)
+    keys = {field.name.replace("_", "-") for field in dataclasses.fields(HeadSettings)}
+    wrong = [item for item in items if item.split("=", 1)[0] not in keys or "=" not in item]
+    if wrong:
+        raise ConfigError(f"{' '.join(wrong)}: expected KEY=VALUE with KEY a feature-head "
+                          f"setting ({', '.join(sorted(keys))})")
+    return ExperimentConfig(extra=dict(item.split("=", 1) for item in items)).section(HeadSettings)
 
 
 def settings_extractor(settings: HeadSettings, image_size: int,
