@@ -79,13 +79,15 @@ def variants(num_train_patches: int, base: HeadSettings) -> list[Variant]:
 
 
 def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: PatchSet,
-             image_size: int, seed: int) -> tuple[dict[str, float], Predictions]:
-    """Test metrics and predictions of ``payload``, with the map baseline (map-baseline) and
-    the calibration from the sites' normal training images."""
+             image_size: int, seed: int, whitening: Whitening | None
+             ) -> tuple[dict[str, float], Predictions]:
+    """Test metrics and predictions of ``payload`` on features whitened by ``whitening`` (if
+    any), with the map baseline (map-baseline) and the calibration from the sites' normal
+    training images."""
     head = HEADS[variant.method](variant.settings, test.features.shape[1], seed)
     sigma = variant.settings.map_sigma
-    site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma)
-                 for site in sites]
+    site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma,
+                              whitening=whitening) for site in sites]
     baseline = site_baseline(variant.settings, site_maps)
     moments = []
     for maps in site_maps:
@@ -95,7 +97,7 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
                            extra={k.replace("_", "-"): v for k, v in
                                   dataclasses.asdict(variant.settings).items()})
     metrics, predictions = evaluate_head(head, payload, test, ScoreScale.from_moments(moments),
-                                         cfg, baseline)
+                                         cfg, baseline, whitening)
     return {k: metrics[k] for k in METRICS}, predictions
 
 
@@ -107,12 +109,15 @@ def site_baseline(settings: HeadSettings, site_maps: list[np.ndarray]) -> np.nda
     return map_baseline([normal_map(maps) for maps in site_maps])
 
 
-def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int) -> Payload:
-    """One-shot federated head (``rounds`` = 1) or with refinement rounds; one site = the
-    centralized reference."""
+def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int,
+        whitening: Whitening | None) -> Payload:
+    """One-shot federated head (``rounds`` = 1) or with refinement rounds, on features whitened
+    by ``whitening`` (if any); one site = the centralized reference."""
     head = HEADS[variant.method](variant.settings, sites[0].features.shape[1], seed)
     limit = variant.settings.max_patches
     features = [s.flat(limit, seed=seed + i) for i, s in enumerate(sites)]
+    if whitening is not None:
+        features = [whitening.apply(f) for f in features]
     payloads = [head.fit_local(f) for f in features]
     global_head = payloads[0] if len(sites) == 1 else head.merge(payloads)
     for _ in range(rounds - 1):
@@ -134,18 +139,14 @@ def category_patches(category: str, image_size: int, num_sites: int, seed: int,
     return sites, test, data.defect_types
 
 
-def whitened(fit_sites: list[PatchSet], others: list[PatchSet], settings: HeadSettings,
-             seed: int) -> list[PatchSet]:
-    """``fit_sites`` + ``others`` with features whitened by the fit sites' pooled feature
-    moments (the federated whitening of fedad.heads.whitening) of ``settings.max_patches``
-    patches each; unchanged without ``settings.feature_whitening``."""
+def site_whitening(sites: list[PatchSet], settings: HeadSettings, seed: int
+                   ) -> Whitening | None:
+    """The federated whitening (fedad.heads.whitening) pooled from the sites' feature moments
+    of ``settings.max_patches`` patches each; None without ``settings.feature_whitening``."""
     if not settings.feature_whitening:
-        return [*fit_sites, *others]
-    whitening = Whitening.from_moments([feature_moments(s.flat(settings.max_patches,
-                                                               seed=seed + i))
-                                        for i, s in enumerate(fit_sites)])
-    return [dataclasses.replace(s, features=whitening.apply(s.features))
-            for s in [*fit_sites, *others]]
+        return None
+    return Whitening.from_moments([feature_moments(s.flat(settings.max_patches, seed=seed + i))
+                                   for i, s in enumerate(sites)])
 
 
 def pooled(sites: list[PatchSet]) -> PatchSet:
@@ -159,18 +160,16 @@ def run_categories(args: argparse.Namespace, extractor
                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Centralized / federated rows per category and head, the same per defect type (image
     AUROC against the good images, share flagged), the K ablation's rows (unless skipped), and
-    each category's raw patches in float16 for the cross-domain runs (only when they will run:
-    at feature-scales=3 six categories' float32 patches do not fit in 12 GB)."""
+    each category's patches for the cross-domain runs (only when they will run)."""
     rows, type_rows, ablation_rows, patches = [], [], [], {}
     keep_patches = len(args.categories) > 1 and not args.skip_cross_domain
     for category in args.categories:
         started = time.perf_counter()
-        raw_sites, raw_test, types = category_patches(category, args.image_size, args.sites,
-                                                      args.seed, extractor)
+        sites, test, types = category_patches(category, args.image_size, args.sites,
+                                              args.seed, extractor)
         if keep_patches:
-            patches[category] = tuple(half(s) for s in (*raw_sites, raw_test))
-        *sites, test = whitened(raw_sites, [raw_test], args.settings, args.seed)
-        del raw_sites, raw_test
+            patches[category] = (*sites, test)
+        whitening = site_whitening(sites, args.settings, args.seed)
         log.info("%s: features of %d + %d images in %.1f s", category,
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
@@ -184,9 +183,9 @@ def run_categories(args: argparse.Namespace, extractor
                              (f"federated {args.sites} sites, 3 rounds", sites, 3)]
             for label, data, rounds in settings:
                 t0 = time.perf_counter()
-                payload = fit(variant, data, args.seed, rounds)
+                payload = fit(variant, data, args.seed, rounds, whitening)
                 metrics, predictions = evaluate(variant, payload, sites, test, args.image_size,
-                                                args.seed)
+                                                args.seed, whitening)
                 key = {"category": category, "head": variant.name, "setting": label}
                 rows.append({**key, **metrics, "fit_s": round(time.perf_counter() - t0, 1)})
                 log.info("%s", rows[-1])
@@ -194,18 +193,8 @@ def run_categories(args: argparse.Namespace, extractor
                     predictions.labels, predictions.defect_classes, predictions.image_scores,
                     types, ranking_scores=predictions.ranked())]
         if not args.skip_ablation:
-            ablation_rows += k_ablation(args, category, sites, test)
+            ablation_rows += k_ablation(args, category, sites, test, whitening)
     return pd.DataFrame(rows), pd.DataFrame(type_rows), pd.DataFrame(ablation_rows), patches
-
-
-def half(patch_set: PatchSet) -> PatchSet:
-    """``patch_set`` with float16 features (half the memory; heads cast them back)."""
-    return dataclasses.replace(patch_set, features=patch_set.features.half())
-
-
-def full(patch_set: PatchSet) -> PatchSet:
-    """``patch_set`` with float32 features again."""
-    return dataclasses.replace(patch_set, features=patch_set.features.float())
 
 
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
@@ -214,40 +203,36 @@ def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
     test split (calibrated on the contributing sites' normal images, whitened by their
     moments)."""
     variant = variants(1, args.settings)[0]
-    head = HEADS[variant.method](variant.settings, next(iter(patches.values()))[-1].features
-                                 .shape[1], args.seed)
-    sites = {c: full(pooled(list(p[:-1]))) for c, p in patches.items()}
+    sites = {c: pooled(list(p[:-1])) for c, p in patches.items()}
     rows = []
     for target in patches:
         sources = [c for c in patches if c != target]
         for label, members in (("sources only", sources),
                                ("sources + target site", [*sources, target])):
-            *member_sites, test = whitened([sites[c] for c in members],
-                                           [full(patches[target][-1])], args.settings, args.seed)
-            payload = head.merge([head.fit_local(site.flat(variant.settings.max_patches,
-                                                           seed=args.seed))
-                                  for site in member_sites])
+            member_sites = [sites[c] for c in members]
+            whitening = site_whitening(member_sites, args.settings, args.seed)
+            payload = fit(variant, member_sites, args.seed, 1, whitening)
             rows.append({"category": target, "head": variant.name, "setting": label,
-                         **evaluate(variant, payload, member_sites, test, args.image_size,
-                                    args.seed)[0]})
+                         **evaluate(variant, payload, member_sites, patches[target][-1],
+                                    args.image_size, args.seed, whitening)[0]})
             log.info("%s", rows[-1])
     return pd.DataFrame(rows)
 
 
-def k_ablation(args: argparse.Namespace, category: str, sites: list[PatchSet], test: PatchSet
-               ) -> list[dict]:
-    """NexViTAD Fig. 8 on one category's (whitened) patches: each K of ``--ablation-ks``,
-    Sinkhorn bank, centralized and federated."""
+def k_ablation(args: argparse.Namespace, category: str, sites: list[PatchSet], test: PatchSet,
+               whitening: Whitening | None) -> list[dict]:
+    """NexViTAD Fig. 8 on one category's patches (whitened by ``whitening``, if any): each K of
+    ``--ablation-ks``, Sinkhorn bank, centralized and federated."""
     rows = []
     for k in args.ablation_ks:
         variant = Variant(f"bank-sinkhorn K={k}", "memorybank",
                           dataclasses.replace(args.settings, num_prototypes=k))
         for label, data in (("centralized", [pooled(sites)]),
                             (f"federated {args.sites} sites", sites)):
-            payload = fit(variant, data, args.seed, 1)
+            payload = fit(variant, data, args.seed, 1, whitening)
             rows.append({"category": category, "K": k, "setting": label,
                          **evaluate(variant, payload, sites, test, args.image_size,
-                                    args.seed)[0]})
+                                    args.seed, whitening)[0]})
             log.info("%s", rows[-1])
     return rows
 
@@ -260,26 +245,20 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     for image_size in (128, 224):
         extractor = settings_extractor(args.settings, image_size)
         sites, test, _ = category_patches(category, image_size, 1, args.seed, extractor)
-        whitening = None
-        if args.settings.feature_whitening:
-            whitening = Whitening.from_moments([feature_moments(
-                sites[0].flat(args.settings.max_patches, seed=args.seed))])
-            sites = [dataclasses.replace(sites[0], features=whitening.apply(sites[0].features))]
+        whitening = site_whitening(sites, args.settings, args.seed)
         for variant in variants(sites[0].num_patches, args.settings):
-            payload = fit(variant, sites, args.seed, 1)
+            payload = fit(variant, sites, args.seed, 1, whitening)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             sigma = variant.settings.map_sigma
             baseline = site_baseline(variant.settings, [anomaly_maps(
-                head, payload, sites[0].features, image_size, sigma)])
+                head, payload, sites[0].features, image_size, sigma, whitening=whitening)])
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]
                       for i in range(12)]
             times = []
             for image in images:
                 t0 = time.perf_counter()
-                features = extractor(image)
-                if whitening is not None:
-                    features = whitening.apply(features)
-                maps = anomaly_maps(head, payload, features, image_size, sigma, baseline)
+                maps = anomaly_maps(head, payload, extractor(image), image_size, sigma,
+                                    baseline, whitening)
                 image_scores(maps, variant.settings)
                 times.append(time.perf_counter() - t0)
             rows.append({"image_size": image_size, "head": variant.name,

@@ -9,8 +9,10 @@ from sklearn.metrics import roc_auc_score
 
 from fedad.config import ExperimentConfig
 from fedad.heads.base import FeatureHead
+from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.payload import PayloadError, attach_arrays, attached_arrays, payload_from_record
 from fedad.heads.scoring import (
+    STORAGE_DTYPE,
     PatchSet,
     ScoreScale,
     anomaly_maps,
@@ -175,3 +177,20 @@ def test_maps_whitened_chunk_by_chunk_equal_maps_of_the_whitened_set(monkeypatch
     whole = anomaly_maps(head, None, whitening.apply(features), SIZE, 1)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
     assert not np.allclose(chunked, anomaly_maps(head, None, features, SIZE, 1))
+
+
+def test_patch_sets_hold_half_precision_and_heads_score_in_float32():
+    generator = torch.Generator().manual_seed(2)
+    features = 3 * torch.rand(6, 8, SIZE, SIZE, generator=generator)
+    stored = PatchSet(features.to(STORAGE_DTYPE), *(np.zeros((6, *s)) for s in
+                                                    ((), (), (SIZE, SIZE), (SIZE, SIZE, 3))))
+    assert stored.features.element_size() == 2
+    assert stored.flat().dtype == stored.flat(50, seed=0).dtype == torch.float32
+    settings = HeadSettings(num_prototypes=20)
+    head = MemoryBankHead(settings, 8, seed=0)
+    payload = head.fit_local(features.permute(0, 2, 3, 1).reshape(-1, 8))
+    full = anomaly_maps(head, payload, features, SIZE, 1)
+    half = anomaly_maps(head, payload, stored.features, SIZE, 1)
+    # float16 keeps 11 significant bits: the maps move by a small fraction of their spread
+    assert np.abs(half - full).max() < 0.01 * full.std()
+    assert np.corrcoef(half.ravel(), full.ravel())[0, 1] > 0.9999

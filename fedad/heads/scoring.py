@@ -35,13 +35,16 @@ BASELINE_RECORD = "map-baseline"  # the array record that carries the baseline t
 PATCHES_PER_CHUNK = 1 << 16
 """Patches a head scores at once in :func:`anomaly_maps` (bounds its intermediate arrays: a
 full-covariance GMM holds [patches, components, D] in float64)."""
+STORAGE_DTYPE = torch.float16
+"""How a :class:`PatchSet` holds its features: half the memory of a site's normal set (10 MB
+per image at 224 px with the default levels); heads and whitening compute in float32."""
 
 
 @dataclass
 class PatchSet:
     """Patch features of a set of images and what evaluation needs besides."""
 
-    features: torch.Tensor  # [N, D, h, w]
+    features: torch.Tensor  # [N, D, h, w], STORAGE_DTYPE from extract_patches
     labels: np.ndarray  # [N]
     defect_classes: np.ndarray  # [N]
     masks: np.ndarray  # [N, H, W]
@@ -54,26 +57,27 @@ class PatchSet:
         return n * h * w
 
     def flat(self, limit: int | None = None, seed: int = 0) -> torch.Tensor:
-        """All patch features as [N * h * w, D] (row order image, y, x), or a seeded subsample
-        of ``limit`` of those rows, gathered without copying the others."""
+        """All patch features as float32 [N * h * w, D] (row order image, y, x), or a seeded
+        subsample of ``limit`` of those rows, gathered without copying the others."""
         _, d, h, w = self.features.shape
         if limit is None or self.num_patches <= limit:
-            return self.features.permute(0, 2, 3, 1).reshape(-1, d)
+            return self.features.permute(0, 2, 3, 1).reshape(-1, d).float()
         generator = torch.Generator().manual_seed(seed)
         rows = torch.randperm(self.num_patches, generator=generator)[:limit]
-        return self.features.flatten(2)[rows // (h * w), :, rows % (h * w)]
+        return self.features.flatten(2)[rows // (h * w), :, rows % (h * w)].float()
 
 
 def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
                     image_size: int, defect_types: Sequence[str] | None = None,
                     batch_size: int = 16) -> PatchSet:
-    """Patch features [N, D, h, w] of ``samples`` at ``image_size`` (and labels, masks, images)."""
+    """Patch features [N, D, h, w] (:data:`STORAGE_DTYPE`) of ``samples`` at ``image_size``
+    (and labels, masks, images)."""
     if not samples:
         raise ValueError("extract_patches: no samples")
     dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
     parts: dict[str, list] = {k: [] for k in PatchSet.__dataclass_fields__}
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        parts["features"].append(extractor(batch["image"]))
+        parts["features"].append(extractor(batch["image"]).to(STORAGE_DTYPE))
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())
         parts["masks"].append(batch["mask"][:, 0].numpy())
@@ -87,14 +91,15 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
                  sigma: float, baseline: np.ndarray | None = None,
                  whitening: Whitening | None = None) -> np.ndarray:
     """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload`` (a few
-    images at a time, :data:`PATCHES_PER_CHUNK`, each chunk whitened by ``whitening`` if given,
-    so that no whitened copy of the whole set is made), upsampled bilinearly to
+    images at a time, :data:`PATCHES_PER_CHUNK`, each chunk in float32 and whitened by
+    ``whitening`` if given, so that no float32 or whitened copy of the whole set is made),
+    upsampled bilinearly to
     ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus ``baseline`` [H, W] when
     given (:func:`map_baseline`)."""
     n, d, h, w = features.shape
 
     def chunk_scores(chunk: torch.Tensor) -> torch.Tensor:
-        flat = chunk.permute(0, 2, 3, 1).reshape(-1, d)
+        flat = chunk.permute(0, 2, 3, 1).reshape(-1, d).float()
         return head.patch_scores(payload, flat if whitening is None else whitening.apply(flat))
 
     scores = torch.cat([chunk_scores(chunk)

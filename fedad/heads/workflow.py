@@ -141,13 +141,13 @@ class HeadRound:
 
 
 def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: ScoreScale,
-                  cfg: ExperimentConfig, baseline: np.ndarray | None = None
-                  ) -> tuple[dict[str, float], Predictions]:
+                  cfg: ExperimentConfig, baseline: np.ndarray | None = None,
+                  whitening: Whitening | None = None) -> tuple[dict[str, float], Predictions]:
     """Metrics (of the raw maps and scores) and calibrated predictions of the global head on the
-    test patches (maps less ``baseline`` [S, S] if given)."""
+    test patches (whitened by ``whitening`` if given; maps less ``baseline`` [S, S] if given)."""
     settings = head_settings(cfg)
     maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma,
-                        baseline)
+                        baseline, whitening)
     raw_scores = image_scores(maps, settings)
     calibrated_maps, scores = scale.apply(maps, raw_scores)
     predictions = Predictions(test.labels, test.defect_classes, scores, test.masks,
@@ -180,8 +180,8 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
              len(nodes), len(test_samples), time.perf_counter() - started)
     head = head_for(cfg)
     exchange = HeadRound(grid, nodes, cfg, head)
-    if settings.feature_whitening:
-        test.features = exchange.agree_whitening().apply(test.features)
+    whitening = exchange.agree_whitening() if settings.feature_whitening else None
+    if whitening is not None:
         log.info("whitening agreed from %d sites' feature moments",
                  sum(1 for c in exchange.crossings if c["accepted"]))
     global_head: Payload | None = None
@@ -196,7 +196,8 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
         baseline = (exchange.agree_baseline(server_round, global_head)
                     if settings.map_baseline else None)
         scale = exchange.calibrate(server_round, global_head, baseline)
-        metrics, predictions = evaluate_head(head, global_head, test, scale, cfg, baseline)
+        metrics, predictions = evaluate_head(head, global_head, test, scale, cfg, baseline,
+                                             whitening)
         state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
         if baseline is not None:
             state["map_baseline"] = torch.from_numpy(baseline)
