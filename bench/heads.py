@@ -42,7 +42,7 @@ from fedad.heads.scoring import (
     score_moments,
 )
 from fedad.heads.settings import HeadSettings
-from fedad.heads.whitening import Whitening, feature_moments
+from fedad.heads.whitening import Whitening, feature_moments, whiten
 from fedad.heads.workflow import evaluate_head
 from fedad.metrics import defect_type_table
 from fedad.train.predictions import Predictions
@@ -115,9 +115,7 @@ def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int,
     by ``whitening`` (if any); one site = the centralized reference."""
     head = HEADS[variant.method](variant.settings, sites[0].features.shape[1], seed)
     limit = variant.settings.max_patches
-    features = [s.flat(limit, seed=seed + i) for i, s in enumerate(sites)]
-    if whitening is not None:
-        features = [whitening.apply(f) for f in features]
+    features = [whiten(s.flat(limit, seed=seed + i), whitening) for i, s in enumerate(sites)]
     payloads = [head.fit_local(f) for f in features]
     global_head = payloads[0] if len(sites) == 1 else head.merge(payloads)
     for _ in range(rounds - 1):

@@ -41,7 +41,7 @@ from fedad.heads.scoring import (
     normal_map,
 )
 from fedad.heads.settings import HeadSettings
-from fedad.heads.whitening import Whitening, feature_moments
+from fedad.heads.whitening import Whitening, feature_moments, whiten
 from fedad.train.synthetic_anomalies import EXTENTS, AnomalySynthesizer
 
 log = logging.getLogger("bench.heads_validation")
@@ -100,7 +100,7 @@ def validate(category: str, image_size: int, points: list[HeadSettings], seed: i
             whitening = (Whitening.from_moments([feature_moments(bank)])
                          if settings.feature_whitening else None)
             head = MemoryBankHead(settings, bank.shape[1], seed)
-            payload = head.fit_local(bank if whitening is None else whitening.apply(bank))
+            payload = head.fit_local(whiten(bank, whitening))
             for mapping, by_map in grouped(by_fit, MAP_FIELDS):
                 maps_of = functools.partial(anomaly_maps, head, payload, image_size=image_size,
                                             sigma=mapping.map_sigma, whitening=whitening)

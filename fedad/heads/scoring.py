@@ -27,7 +27,7 @@ from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor
 from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
-from fedad.heads.whitening import Whitening
+from fedad.heads.whitening import Whitening, whiten
 
 THRESHOLD_STDS = 3.0
 RISE_TOLERANCE = 0.01
@@ -93,14 +93,13 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
     """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload`` (a few
     images at a time, :data:`PATCHES_PER_CHUNK`, each chunk in float32 and whitened by
     ``whitening`` if given, so that no float32 or whitened copy of the whole set is made),
-    upsampled bilinearly to
-    ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus ``baseline`` [H, W] when
-    given (:func:`map_baseline`)."""
+    upsampled bilinearly to ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus
+    ``baseline`` [H, W] when given (:func:`map_baseline`)."""
     n, d, h, w = features.shape
 
     def chunk_scores(chunk: torch.Tensor) -> torch.Tensor:
         flat = chunk.permute(0, 2, 3, 1).reshape(-1, d).float()
-        return head.patch_scores(payload, flat if whitening is None else whitening.apply(flat))
+        return head.patch_scores(payload, whiten(flat, whitening))
 
     scores = torch.cat([chunk_scores(chunk)
                         for chunk in features.split(max(1, PATCHES_PER_CHUNK // (h * w)))])

@@ -22,7 +22,7 @@ from fedad.heads.scoring import (
     normal_map,
     score_moments,
 )
-from fedad.heads.whitening import Whitening, feature_moments
+from fedad.heads.whitening import Whitening, feature_moments, whiten
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     if patches is None:
         return None
     head = head_for(cfg)
-    features = patches.flat(head_settings(cfg).max_patches, seed=cfg.seed + partition_id)
-    if whitening is not None:
-        features = whitening.apply(features)
+    features = whiten(patches.flat(head_settings(cfg).max_patches,
+                                   seed=cfg.seed + partition_id), whitening)
     if global_head is None:
         return head.fit_local(features)
     return head.refine_local(global_head, features)

@@ -83,3 +83,9 @@ class Whitening:
         matrix [dim, dim], finite floats; PayloadError otherwise."""
         arrays = attached_arrays(content, RECORD, {"mean": (dim,), "matrix": (dim, dim)})
         return None if arrays is None else cls(arrays["mean"], arrays["matrix"])
+
+
+def whiten(features: torch.Tensor, whitening: Whitening | None) -> torch.Tensor:
+    """``features`` [N, D] whitened by ``whitening``, or as they are without one
+    (``feature-whitening=false``)."""
+    return features if whitening is None else whitening.apply(features)
