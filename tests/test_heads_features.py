@@ -1,4 +1,4 @@
-"""Patch feature extractors: Lite0, a timm model from a local file, a trained MSVT."""
+"""Patch feature extractors: Lite0/1/2, a timm model from a local file, a trained MSVT."""
 
 import pytest
 import timm
@@ -7,7 +7,7 @@ import torch
 from fedad.heads.features import build_extractor, photometric_normalised
 from fedad.heads.settings import HeadSettings
 from fedad.models import create_model, trainable_state_dict
-from fedad.models.backbones import BackboneError
+from fedad.models.backbones import BackboneError, load_packaged_state_dict
 
 
 def test_lite0_patch_features_have_the_finest_chosen_stride():
@@ -15,6 +15,14 @@ def test_lite0_patch_features_have_the_finest_chosen_stride():
     features = extractor(torch.rand(2, 3, 64, 64))
     assert features.shape == (2, 40 + 112, 8, 8) and extractor.dim == 152
     assert not any(p.requires_grad for p in extractor.parameters())
+
+
+def test_packaged_lite2_patch_features_come_from_its_imagenet_weights():
+    extractor = build_extractor("lite2", layers=(1, 2, 3), neighbourhood=3, image_size=64)
+    features = extractor(torch.rand(2, 3, 64, 64))
+    assert features.shape == (2, 24 + 48 + 120, 16, 16) and extractor.dim == 192
+    torch.testing.assert_close(extractor.levels.model.conv_stem.weight,
+                               load_packaged_state_dict("lite2")["conv_stem.weight"])
 
 
 def test_neighbourhood_aggregation_smooths_features():

@@ -1,4 +1,4 @@
-"""Feature backbones: packaged Lite0 weights, feature pyramids, local checkpoints."""
+"""Feature backbones: packaged Lite0/1/2 weights, feature pyramids, local checkpoints."""
 
 from __future__ import annotations
 
@@ -16,51 +16,59 @@ from fedad.models.backbones import (
     BackboneError,
     create_backbone,
     create_classifier,
-    load_lite0_state_dict,
-    pretrained_lite0_classifier,
+    load_packaged_state_dict,
+    pretrained_classifier,
 )
 
 EGYPTIAN_CAT = 285  # ImageNet class of skimage's chelsea
 
 
-def test_lite0_state_dict_maps_all_tensors_onto_timm_names() -> None:
-    state = load_lite0_state_dict()
-    assert len(state) == 296
+@pytest.mark.parametrize("name, tensors", [("lite0", 296), ("lite1", 386), ("lite2", 386)])
+def test_packaged_state_dict_maps_all_tensors_onto_timm_names(name: str, tensors: int) -> None:
+    state = load_packaged_state_dict(name)
+    assert len(state) == tensors
     assert next(iter(state)) == "conv_stem.weight"
     assert tuple(state["classifier.weight"].shape) == (1000, 1280)
 
 
+def test_unknown_packaged_backbone_lists_the_packaged_names() -> None:
+    with pytest.raises(BackboneError, match=r"'lite9'.*lite0, lite1, lite2"):
+        load_packaged_state_dict("lite9")
+
+
 def test_lite0_state_dict_rejects_a_foreign_file(tmp_path: Path) -> None:
-    source = load_lite0_state_dict()
+    source = load_packaged_state_dict()
     keys = list(source)
     source[keys[0]] = torch.zeros(8, 3, 3, 3)
     path = tmp_path / "bad.pth"
     torch.save(source, path)
     with pytest.raises(BackboneError, match=r"bad\.pth.*conv_stem\.weight \(8, 3, 3, 3\)"):
-        load_lite0_state_dict(path)
+        load_packaged_state_dict(path=path)
     torch.save(dict(list(source.items())[:-1]), path)
     with pytest.raises(BackboneError, match="295 tensors"):
-        load_lite0_state_dict(path)
+        load_packaged_state_dict(path=path)
 
 
-def test_pretrained_lite0_classifies_chelsea_as_egyptian_cat() -> None:
+@pytest.mark.parametrize("name", ["lite0", "lite1", "lite2"])
+def test_packaged_classifier_classifies_chelsea_as_egyptian_cat(name: str) -> None:
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
     image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        logits = pretrained_lite0_classifier()((image - mean) / std)
+        logits = pretrained_classifier(name)((image - mean) / std)
     assert logits.argmax(1).item() == EGYPTIAN_CAT
 
 
-def test_lite0_features_shapes_channels_strides() -> None:
-    backbone = create_backbone("lite0").eval()
-    assert backbone.channels == [24, 40, 112]
+@pytest.mark.parametrize("name, channels", [("lite0", [24, 40, 112]), ("lite2", [24, 48, 120])])
+def test_packaged_features_shapes_channels_strides(name: str, channels: list[int]) -> None:
+    backbone = create_backbone(name).eval()
+    assert backbone.channels == channels
     assert backbone.strides == [4, 8, 16]
     with torch.no_grad():
         features = backbone(torch.rand(2, 3, 128, 128))
     assert [tuple(f.shape) for f in features] == [
-        (2, 24, 32, 32), (2, 40, 16, 16), (2, 112, 8, 8)
+        (2, c, 128 // s, 128 // s) for c, s in zip(channels, [4, 8, 16], strict=True)
     ]
 
 
@@ -105,7 +113,7 @@ def test_lite0_classifier_keeps_imagenet_features_and_gets_a_new_head() -> None:
     with torch.no_grad():
         logits = classifier(images)
         features = classifier.model.forward_features(normalised)
-        reference = pretrained_lite0_classifier().forward_features(normalised)
+        reference = pretrained_classifier().forward_features(normalised)
         head = classifier.model.forward_head(features)
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
     torch.testing.assert_close(features, reference)  # ImageNet weights kept

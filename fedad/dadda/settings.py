@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import timm
 
+from fedad.models.backbones import PACKAGED
+
 SYNTHESIS = ("dadda", "dam-only")
 SAMPLERS = ("ddim", "ddpm")
 
@@ -42,7 +44,7 @@ class DADDASettings:
     dadda_sample_steps: int = 25  # DDIM steps
     dadda_dam_per_class: int = 16  # DAM pairs per defect class on each site (paper 500)
     dadda_synth_per_class: int = 16  # diffusion pairs per defect class on each site (paper 500)
-    dadda_classifier: str = "resnet10t"  # timm name (from scratch) or lite0 (pre-trained)
+    dadda_classifier: str = "resnet10t"  # timm name (from scratch) or lite0/1/2 (pre-trained)
     dadda_localizer_channels: int = 16  # base channels of the U-Net localizer
     dadda_cache_dir: str = ""  # site cache of synthetic pairs; empty: ~/.cache/fedad/dadda
     dadda_reuse_cache: bool = True  # skip stages 1-3 when every site holds pairs for them
@@ -77,9 +79,10 @@ class DADDASettings:
             raise ValueError(f"dadda-class-dropout={self.dadda_class_dropout}: must be in [0, 1)")
         if not self.dadda_diffusion_lr > 0:
             raise ValueError(f"dadda-diffusion-lr={self.dadda_diffusion_lr}: must be > 0")
-        if self.dadda_classifier != "lite0" and not timm.is_model(self.dadda_classifier):
-            raise ValueError(f"dadda-classifier={self.dadda_classifier!r}: neither 'lite0' nor "
-                             "a timm architecture (timm.list_models() names them)")
+        if self.dadda_classifier not in PACKAGED and not timm.is_model(self.dadda_classifier):
+            raise ValueError(f"dadda-classifier={self.dadda_classifier!r}: neither a packaged "
+                             f"backbone ({', '.join(PACKAGED)}) nor a timm architecture "
+                             "(timm.list_models() names them)")
 
     @property
     def channel_mults(self) -> tuple[int, ...]:

@@ -2,7 +2,8 @@
 
 Three sources, one output form ``[B, D, h, w]`` at the stride of the finest chosen level:
 
-- ``lite0``: the packaged ImageNet EfficientNet-Lite0 (:func:`fedad.models.create_backbone`);
+- ``lite0``, ``lite1``, ``lite2``: the packaged ImageNet EfficientNet-Lites
+  (:func:`fedad.models.create_backbone`);
 - any timm model by name, with weights from ``backbone-checkpoint`` (never downloaded);
 - ``msvt``: the token grids of a trained MSVT's transformer stages, from an MSVT checkpoint
   (a results folder's ``checkpoints/*.pt`` or a plain trainable state dict).
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedad.models import FeatureBackbone, create_backbone, create_model, load_trainable_state_dict
-from fedad.models.backbones import BackboneError
+from fedad.models.backbones import PACKAGED, BackboneError
 
 PHOTOMETRIC = ("none", "grey-world", "standardize")
 PHOTOMETRIC_MEAN, PHOTOMETRIC_STD = 0.45, 0.2
@@ -179,12 +180,13 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
                     checkpoint: str = "", msvt_backbone: str = "lite0",
                     padding: int = 0, scales: Sequence[float] = (1.0,),
                     photometric: str = "none") -> PatchFeatureExtractor:
-    """The patch feature extractor of ``source`` (``lite0``, a timm name, or ``msvt``).
+    """The patch feature extractor of ``source`` (``lite0`` / ``lite1`` / ``lite2``, a timm
+    name, or ``msvt``).
 
     Args:
         layers: backbone feature levels (timm ``out_indices``) or MSVT stage indices.
         checkpoint: weights file: a full timm state dict for a timm name, an MSVT checkpoint
-            for ``msvt``; unused for ``lite0`` (the packaged weights).
+            for ``msvt``; packaged backbones default to their packaged weights.
         msvt_backbone: the stem backbone the MSVT was trained with.
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
@@ -207,6 +209,6 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood,
                                      photometric=photometric)
     backbone: FeatureBackbone = create_backbone(
-        source, pretrained=source == "lite0", checkpoint=checkpoint or None, out_indices=layers)
+        source, pretrained=source in PACKAGED, checkpoint=checkpoint or None, out_indices=layers)
     return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales,
                                  photometric)

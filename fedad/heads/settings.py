@@ -29,7 +29,7 @@ COVARIANCES = ("full", "diag")
 class HeadSettings:
     """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
 
-    feature_source: str = "lite0"  # lite0 | any timm name | msvt
+    feature_source: str = "lite0"  # lite0 | lite1 | lite2 | any timm name | msvt
     feature_layers: str = "1,2,3"  # timm out_indices, Lite0 strides 4/8/16 (MSVT: stages)
     feature_neighbourhood: int = 3
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)

