@@ -6,7 +6,9 @@ Features are extracted once per category and reused by every head; the heads, me
 refinements, scoring and calibration are the library functions the Flower workflow runs
 (fedad.heads), called directly. Calibration uses the sites' normal training images; only
 the metrics read the test split. Nothing is tuned here: settings are HeadSettings' defaults
-unless ``--set`` changes them.
+unless ``--set`` changes them. Writes heads.csv, defect_types.csv, image_scores.csv (every test
+image's score: which normal images outrank which defects), k_ablation.csv, cross_domain.csv
+and latency.csv under ``--out``.
 
     python bench/heads.py --out /tmp/heads-bench            # all synthetic categories
     python bench/heads.py --out /tmp/heads-bench --latency  # + per-image latency at 128/224
@@ -78,6 +80,11 @@ def variants(num_train_patches: int, base: HeadSettings) -> list[Variant]:
     ]
 
 
+def selected_variants(num_train_patches: int, args: argparse.Namespace) -> list[Variant]:
+    """The :func:`variants` on ``args.settings`` that ``args.heads`` names."""
+    return [v for v in variants(num_train_patches, args.settings) if v.name in args.heads]
+
+
 def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: PatchSet,
              image_size: int, seed: int, whitening: Whitening | None
              ) -> tuple[dict[str, float], Predictions]:
@@ -125,16 +132,19 @@ def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int,
 
 
 def category_patches(category: str, image_size: int, num_sites: int, seed: int,
-                     extractor) -> tuple[list[PatchSet], PatchSet, tuple[str, ...]]:
-    """Normal training patches of each IID site, the test patches of one category and its
-    defect types (the names of the test patches' defect classes)."""
+                     extractor) -> tuple[list[PatchSet], PatchSet, tuple[str, ...], list[str]]:
+    """Normal training patches of each IID site, the test patches of one category, its defect
+    types (the names of the test patches' defect classes) and the test images' names
+    (``defect_type/file``, in the order of the test patches)."""
     cfg = ExperimentConfig(category=category, image_size=image_size, seed=seed,
                            min_train_nodes=1)
     data = prepare_data(cfg, num_sites)
     sites = [extract_patches(extractor, [s for s in data.samples(i, "train") if s.label == 0],
                              image_size) for i in range(num_sites)]
-    test = extract_patches(extractor, data.samples(-1, "test"), image_size, data.defect_types)
-    return sites, test, data.defect_types
+    test_samples = data.samples(-1, "test")
+    test = extract_patches(extractor, test_samples, image_size, data.defect_types)
+    names = [f"{s.image_path.parent.name}/{s.image_path.name}" for s in test_samples]
+    return sites, test, data.defect_types, names
 
 
 def site_whitening(sites: list[PatchSet], settings: HeadSettings, seed: int
@@ -154,17 +164,18 @@ def pooled(sites: list[PatchSet]) -> PatchSet:
                       for k in ("labels", "defect_classes", "masks", "images")))
 
 
-def run_categories(args: argparse.Namespace, extractor
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Centralized / federated rows per category and head, the same per defect type (image
-    AUROC against the good images, share flagged), the K ablation's rows (unless skipped), and
-    each category's patches for the cross-domain runs (only when they will run)."""
-    rows, type_rows, ablation_rows, patches = [], [], [], {}
+def run_categories(args: argparse.Namespace, extractor) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Tables by file name: ``heads`` (centralized / federated rows per category and head),
+    ``defect_types`` (the same per defect type: image AUROC against the good images, share
+    flagged), ``image_scores`` (every test image's score, to see which images rank wrongly) and
+    ``k_ablation`` (unless skipped); and each category's patches for the cross-domain runs (only
+    when they will run)."""
+    rows, type_rows, image_rows, ablation_rows, patches = [], [], [], [], {}
     keep_patches = len(args.categories) > 1 and not args.skip_cross_domain
     for category in args.categories:
         started = time.perf_counter()
-        sites, test, types = category_patches(category, args.image_size, args.sites,
-                                              args.seed, extractor)
+        sites, test, types, names = category_patches(category, args.image_size, args.sites,
+                                                     args.seed, extractor)
         if keep_patches:
             patches[category] = (*sites, test)
         whitening = site_whitening(sites, args.settings, args.seed)
@@ -172,9 +183,7 @@ def run_categories(args: argparse.Namespace, extractor
                  sum(len(s.labels) for s in sites), len(test.labels),
                  time.perf_counter() - started)
         central = [pooled(sites)]
-        for variant in variants(central[0].num_patches, args.settings):
-            if variant.name not in args.heads:
-                continue
+        for variant in selected_variants(central[0].num_patches, args):
             settings = [("centralized", central, 1)]
             if variant.federated:
                 settings += [(f"federated {args.sites} sites, 1 round", sites, 1),
@@ -190,9 +199,14 @@ def run_categories(args: argparse.Namespace, extractor
                 type_rows += [{**key, **r} for r in defect_type_table(
                     predictions.labels, predictions.defect_classes, predictions.image_scores,
                     types, ranking_scores=predictions.ranked())]
+                image_rows += [{**key, "image": name, "label": int(label), "score": score}
+                               for name, label, score in zip(names, predictions.labels,
+                                                             predictions.ranked(), strict=True)]
         if not args.skip_ablation:
             ablation_rows += k_ablation(args, category, sites, test, whitening)
-    return pd.DataFrame(rows), pd.DataFrame(type_rows), pd.DataFrame(ablation_rows), patches
+    tables = {"heads": rows, "defect_types": type_rows, "image_scores": image_rows,
+              "k_ablation": ablation_rows}
+    return {name: pd.DataFrame(table) for name, table in tables.items()}, patches
 
 
 def run_cross_domain(args: argparse.Namespace, patches: dict) -> pd.DataFrame:
@@ -237,14 +251,15 @@ def k_ablation(args: argparse.Namespace, category: str, sites: list[PatchSet], t
 
 def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     """Per-image latency (one thread, median of 10 single images after 2 warm-ups) of feature
-    extraction + head scoring + map post-processing, the head's size, and peak RSS."""
+    extraction + head scoring + map post-processing, the head's size, and peak RSS, for each of
+    ``--heads``."""
     rows = []
     category = args.categories[0]
     for image_size in (128, 224):
         extractor = settings_extractor(args.settings, image_size)
-        sites, test, _ = category_patches(category, image_size, 1, args.seed, extractor)
+        sites, test, *_ = category_patches(category, image_size, 1, args.seed, extractor)
         whitening = site_whitening(sites, args.settings, args.seed)
-        for variant in variants(sites[0].num_patches, args.settings):
+        for variant in selected_variants(sites[0].num_patches, args):
             payload = fit(variant, sites, args.seed, 1, whitening)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
             sigma = variant.settings.map_sigma
@@ -301,11 +316,11 @@ def main() -> None:
     if args.skip_categories:
         return
     extractor = settings_extractor(args.settings, args.image_size)
-    table, per_type, ablation, patches = run_categories(args, extractor)
-    table.to_csv(args.out / "heads.csv", index=False)
-    per_type.to_csv(args.out / "defect_types.csv", index=False)
-    if len(ablation):
-        ablation.to_csv(args.out / "k_ablation.csv", index=False)
+    tables, patches = run_categories(args, extractor)
+    for name, table in tables.items():
+        if len(table):
+            table.to_csv(args.out / f"{name}.csv", index=False)
+    per_type = tables["defect_types"]
     if patches:
         run_cross_domain(args, patches).to_csv(args.out / "cross_domain.csv", index=False)
     for name in ("latency", "heads", "cross_domain", "k_ablation"):

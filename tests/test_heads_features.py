@@ -152,3 +152,15 @@ def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
     with pytest.raises(BackboneError, match="feature-layers=2,3"):
         build_extractor("msvt", layers=(2, 3), neighbourhood=3, image_size=64,
                         checkpoint=str(path), msvt_backbone="none")
+
+
+def test_centring_subtracts_each_images_mean_patch_feature():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    plain = build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64)(images)
+    centred = build_extractor("lite0", layers=(2, 3), neighbourhood=3, image_size=64,
+                              centring=True)(images)
+    assert centred.shape == plain.shape
+    assert centred.mean((-2, -1)).abs().max() < 1e-4  # every image's channels average to 0
+    torch.testing.assert_close(centred, plain - plain.mean((-2, -1), keepdim=True))
+    assert plain.mean((-2, -1)).abs().max() > 0.01  # the backbone's own features are not centred

@@ -71,11 +71,13 @@ class PatchFeatureExtractor(nn.Module):
         scales: factors the image is resized by before the backbone (1 = as it is); D is
             sum(channels) times their number.
         photometric: per-image normalisation before the backbone, one of PHOTOMETRIC.
+        centring: subtract each image's mean patch feature (over its grid) from its patches, so
+            that a patch is compared with the bank relative to its own image.
     """
 
     def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3,
                  padding: int = 0, scales: Sequence[float] = (1.0,),
-                 photometric: str = "none") -> None:
+                 photometric: str = "none", centring: bool = False) -> None:
         super().__init__()
         check_photometric(photometric)
         if neighbourhood < 1 or neighbourhood % 2 == 0:
@@ -92,6 +94,7 @@ class PatchFeatureExtractor(nn.Module):
         self.padding = padding
         self.scales = tuple(float(s) for s in scales)
         self.photometric = photometric
+        self.centring = centring
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """The extractor is always frozen (eval mode)."""
@@ -110,6 +113,8 @@ class PatchFeatureExtractor(nn.Module):
         size = max((m.shape[-2:] for m in pooled), key=lambda s: s[0])
         features = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                               for m in pooled], dim=1)
+        if self.centring:
+            features = features - features.mean(dim=(-2, -1), keepdim=True)
         if features.shape[1] != self.dim or not torch.isfinite(features).all():
             raise FloatingPointError(f"patch features: width {features.shape[1]} (expected "
                                      f"{self.dim}) or non-finite values")
@@ -179,7 +184,7 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
                     checkpoint: str = "", msvt_backbone: str = "lite0",
                     padding: int = 0, scales: Sequence[float] = (1.0,),
-                    photometric: str = "none") -> PatchFeatureExtractor:
+                    photometric: str = "none", centring: bool = False) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0`` / ``lite1`` / ``lite2``, a timm
     name, or ``msvt``).
 
@@ -192,6 +197,7 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
         scales: image resize factors (see :class:`PatchFeatureExtractor`); (1,) for ``msvt``.
         photometric: per-image normalisation (see :class:`PatchFeatureExtractor`).
+        centring: per-image centring of the patch features (see :class:`PatchFeatureExtractor`).
     """
     if source == "msvt":
         if not checkpoint:
@@ -207,8 +213,8 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
                                 f"stages 0-{len(model.stages) - 1}")
         dims = [model.stages[i].norm.normalized_shape[0] for i in layers]
         return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood,
-                                     photometric=photometric)
+                                     photometric=photometric, centring=centring)
     backbone: FeatureBackbone = create_backbone(
         source, pretrained=source in PACKAGED, checkpoint=checkpoint or None, out_indices=layers)
     return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales,
-                                 photometric)
+                                 photometric, centring)

@@ -44,7 +44,8 @@ def settings_extractor(settings: HeadSettings, image_size: int,
                            neighbourhood=settings.feature_neighbourhood, image_size=image_size,
                            checkpoint=settings.feature_checkpoint, msvt_backbone=msvt_backbone,
                            padding=settings.feature_padding, scales=settings.scales(),
-                           photometric=settings.feature_photometric)
+                           photometric=settings.feature_photometric,
+                           centring=settings.feature_centring)
 
 
 @functools.lru_cache(maxsize=2)

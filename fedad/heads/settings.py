@@ -35,6 +35,7 @@ class HeadSettings:
     feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
     feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
     feature_photometric: str = "grey-world"  # per-image normalisation (fedad.heads.features)
+    feature_centring: bool = False  # subtract each image's mean patch feature (features.py)
     feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
     feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
     max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
