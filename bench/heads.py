@@ -13,6 +13,7 @@ and latency.csv under ``--out``.
     python bench/heads.py --out /tmp/heads-bench            # all synthetic categories
     python bench/heads.py --out /tmp/heads-bench --latency  # + per-image latency at 128/224
     python bench/heads.py --out /tmp/heads-bench --set max-patches=8000 map-sigma=4
+    python bench/heads.py --out /tmp/heads-mvtec --data-path ~/mvtec_ad --categories screw
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.data import SYNTHETIC_CATEGORIES, ensure_synthetic
+from fedad.data import ensure_synthetic, list_categories
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
@@ -131,13 +132,15 @@ def fit(variant: Variant, sites: list[PatchSet], seed: int, rounds: int,
     return global_head
 
 
-def category_patches(category: str, image_size: int, num_sites: int, seed: int,
-                     extractor) -> tuple[list[PatchSet], PatchSet, tuple[str, ...], list[str]]:
+def category_patches(category: str, image_size: int, num_sites: int, seed: int, extractor,
+                     data_path: str = ""
+                     ) -> tuple[list[PatchSet], PatchSet, tuple[str, ...], list[str]]:
     """Normal training patches of each IID site, the test patches of one category, its defect
     types (the names of the test patches' defect classes) and the test images' names
-    (``defect_type/file``, in the order of the test patches)."""
+    (``defect_type/file``, in the order of the test patches). ``data_path``: an MVTec-layout
+    root (empty: the built-in synthetic data)."""
     cfg = ExperimentConfig(category=category, image_size=image_size, seed=seed,
-                           min_train_nodes=1)
+                           min_train_nodes=1, data_path=data_path)
     data = prepare_data(cfg, num_sites)
     sites = [extract_patches(extractor, [s for s in data.samples(i, "train") if s.label == 0],
                              image_size) for i in range(num_sites)]
@@ -175,7 +178,7 @@ def run_categories(args: argparse.Namespace, extractor) -> tuple[dict[str, pd.Da
     for category in args.categories:
         started = time.perf_counter()
         sites, test, types, names = category_patches(category, args.image_size, args.sites,
-                                                     args.seed, extractor)
+                                                     args.seed, extractor, args.data_path)
         if keep_patches:
             patches[category] = (*sites, test)
         whitening = site_whitening(sites, args.settings, args.seed)
@@ -257,7 +260,8 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
     category = args.categories[0]
     for image_size in (128, 224):
         extractor = settings_extractor(args.settings, image_size)
-        sites, test, *_ = category_patches(category, image_size, 1, args.seed, extractor)
+        sites, test, *_ = category_patches(category, image_size, 1, args.seed, extractor,
+                                           args.data_path)
         whitening = site_whitening(sites, args.settings, args.seed)
         for variant in selected_variants(sites[0].num_patches, args):
             payload = fit(variant, sites, args.seed, 1, whitening)
@@ -287,7 +291,12 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
+    parser.add_argument("--data-path", default="",
+                        help="an MVTec AD-layout root, e.g. a real MVTec AD download (default: "
+                             "the built-in synthetic data)")
+    parser.add_argument("--categories", nargs="+",
+                        help="default: every synthetic category, or every category under "
+                             "--data-path")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -309,7 +318,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    ensure_synthetic(seed=0)
+    root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
+    args.categories = args.categories or list_categories(root)
+    if not args.categories:
+        parser.error(f"--data-path {args.data_path}: no category folders with train/ and test/")
     if args.latency:
         run_latency(args).to_csv(args.out / "latency.csv", index=False)
         print(pd.read_csv(args.out / "latency.csv").to_markdown(index=False))
