@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.data import ensure_synthetic, list_categories
+from fedad.data import DatasetError, ensure_synthetic, list_categories
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
@@ -319,7 +319,10 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
-    args.categories = args.categories or list_categories(root)
+    try:
+        args.categories = args.categories or list_categories(root)
+    except DatasetError as err:
+        parser.error(f"--data-path {err}")
     if not args.categories:
         parser.error(f"--data-path {args.data_path}: no category folders with train/ and test/")
     if args.latency:
