@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.data import DatasetError, ensure_synthetic, list_categories
+from fedad.data import DatasetError, chosen_categories, ensure_synthetic
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
@@ -320,11 +320,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
     try:
-        args.categories = args.categories or list_categories(root)
+        args.categories = chosen_categories(root, args.categories)
     except DatasetError as err:
-        parser.error(f"--data-path {err}")
-    if not args.categories:
-        parser.error(f"--data-path {args.data_path}: no category folders with train/ and test/")
+        parser.error(str(err))
     if args.latency:
         run_latency(args).to_csv(args.out / "latency.csv", index=False)
         print(pd.read_csv(args.out / "latency.csv").to_markdown(index=False))

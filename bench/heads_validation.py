@@ -30,7 +30,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedad.config import ConfigError
-from fedad.data import SYNTHETIC_CATEGORIES, AnomalyDataset, ensure_synthetic, scan_category
+from fedad.data import (
+    AnomalyDataset,
+    DatasetError,
+    chosen_categories,
+    ensure_synthetic,
+    scan_category,
+)
 from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.registry import head_settings_from, settings_extractor
 from fedad.heads.scoring import (
@@ -56,10 +62,11 @@ cached_extractor = functools.cache(settings_extractor)
 """One extractor per (settings, image size), shared by the categories."""
 
 
-def validation_split(category: str, image_size: int, seed: int
+def validation_split(root: Path, category: str, image_size: int, seed: int
                      ) -> tuple[list, torch.Tensor]:
-    """(fit samples, held-out normals [M, 3, S, S]) of a category's training images."""
-    train = [s for s in scan_category(ensure_synthetic(), category) if s.split == "train"]
+    """(fit samples, held-out normals [M, 3, S, S]) of a category's training images under the
+    MVTec-layout ``root``."""
+    train = [s for s in scan_category(root, category) if s.split == "train"]
     order = np.random.default_rng(seed).permutation(len(train))
     held = max(1, round(HOLDOUT * len(train)))
     dataset = AnomalyDataset([train[i] for i in order[:held]], image_size)
@@ -77,13 +84,13 @@ def grouped(points: list[HeadSettings], fields: tuple[str, ...]
         yield members[0], members
 
 
-def validate(category: str, image_size: int, points: list[HeadSettings], seed: int,
-             extents: list[str], copies: int = 1
+def validate(root: Path, category: str, image_size: int, points: list[HeadSettings],
+             seed: int, extents: list[str], copies: int = 1
              ) -> Iterator[tuple[HeadSettings, str, dict[str, float]]]:
     """(settings, extent, validation image / pixel AUROC) of the Sinkhorn bank on one category
-    for each of ``points`` and each extent of synthetic anomalies (``copies`` anomalous versions
-    of each held-out normal image)."""
-    fit, normals = validation_split(category, image_size, seed)
+    of ``root`` for each of ``points`` and each extent of synthetic anomalies (``copies``
+    anomalous versions of each held-out normal image)."""
+    fit, normals = validation_split(root, category, image_size, seed)
     anomalies = {extent: AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
         normals.repeat(copies, 1, 1, 1)) for extent in extents}
     labels = np.r_[np.zeros(len(normals)), np.ones(copies * len(normals))]
@@ -129,7 +136,11 @@ def grid(base: list[str], vary: list[list[str]]) -> tuple[list[str], list[HeadSe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--categories", nargs="+", default=list(SYNTHETIC_CATEGORIES))
+    parser.add_argument("--data-path", default="",
+                        help="an MVTec AD-layout root; only its training images are read "
+                             "(default: the built-in synthetic data)")
+    parser.add_argument("--categories", nargs="+",
+                        help="default: every category of the data")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
     parser.add_argument("--vary", nargs="+", action="append", default=[],
                         metavar="KEY VALUE",
@@ -153,9 +164,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
+    try:
+        args.categories = chosen_categories(root, args.categories)
+    except DatasetError as err:
+        parser.error(str(err))
     rows = []
     for category, image_size in itertools.product(args.categories, args.image_sizes):
-        for point, extent, result in validate(category, image_size, points, args.seed,
+        for point, extent, result in validate(root, category, image_size, points, args.seed,
                                               args.extents, args.copies):
             rows.append({"category": category, "image_size": image_size, "extent": extent,
                          **{k: getattr(point, k.replace("-", "_")) for k in keys}, **result})
