@@ -30,8 +30,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.data import DatasetError, chosen_categories, ensure_synthetic
-from fedad.experiment import prepare_data
+from fedad.experiment import dataset_categories, prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
 from fedad.heads.scoring import (
@@ -318,10 +317,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
     try:
-        args.categories = chosen_categories(root, args.categories)
-    except DatasetError as err:
+        _, args.categories = dataset_categories(args.data_path, args.categories)
+    except ConfigError as err:
         parser.error(str(err))
     if args.latency:
         run_latency(args).to_csv(args.out / "latency.csv", index=False)

@@ -30,13 +30,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedad.config import ConfigError
-from fedad.data import (
-    AnomalyDataset,
-    DatasetError,
-    chosen_categories,
-    ensure_synthetic,
-    scan_category,
-)
+from fedad.data import AnomalyDataset, scan_category
+from fedad.experiment import dataset_categories
 from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.registry import head_settings_from, settings_extractor
 from fedad.heads.scoring import (
@@ -164,10 +159,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    root = Path(args.data_path).expanduser() if args.data_path else ensure_synthetic(seed=0)
     try:
-        args.categories = chosen_categories(root, args.categories)
-    except DatasetError as err:
+        root, args.categories = dataset_categories(args.data_path, args.categories)
+    except ConfigError as err:
         parser.error(str(err))
     rows = []
     for category, image_size in itertools.product(args.categories, args.image_sizes):

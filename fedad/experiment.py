@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def resolve_categories(cfg: ExperimentConfig, root: Path) -> tuple[str, ...]:
             f"(available: {', '.join(available)})"
         )
     return names
+
+
+def dataset_categories(data_path: str, names: Sequence[str] | None = None
+                       ) -> tuple[Path, tuple[str, ...]]:
+    """The root of ``data_path`` (the built-in synthetic data when empty) and the categories
+    ``names`` in it (every one when None or empty), by :func:`resolve_root` and
+    :func:`resolve_categories`; ConfigError naming a missing folder or category."""
+    cfg = ExperimentConfig(data_path=data_path, category=",".join(names or ()) or "all")
+    root = resolve_root(cfg)
+    return root, resolve_categories(cfg, root)
 
 
 @functools.lru_cache(maxsize=8)

@@ -14,7 +14,6 @@ from PIL import Image
 from fedad.data import (
     AnomalyDataset,
     DatasetError,
-    chosen_categories,
     generate_dataset,
     list_categories,
     load_image,
@@ -219,15 +218,3 @@ def test_check_content_false_skips_decoding(copy: Path) -> None:
     _corrupt_image(copy)
     assert len(scan_category(copy, "hex_nut", check_content=False)) == 4 + 2 + 2 * 5
 
-
-def test_chosen_categories_defaults_to_all_and_names_what_is_missing(tmp_path: Path) -> None:
-    for name in ("screw", "bottle"):
-        (tmp_path / name / "train").mkdir(parents=True)
-        (tmp_path / name / "test").mkdir()
-    (tmp_path / "notes").mkdir()  # not a category: no train/ and test/
-    assert chosen_categories(tmp_path) == ["bottle", "screw"]
-    assert chosen_categories(tmp_path, ["screw"]) == ["screw"]
-    with pytest.raises(DatasetError, match=r"no category cable \(available: bottle, screw\)"):
-        chosen_categories(tmp_path, ["screw", "cable"])
-    with pytest.raises(DatasetError, match="no category folders"):
-        chosen_categories(tmp_path / "notes")

@@ -4,7 +4,7 @@ import pytest
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
-from fedad.experiment import prepare_data
+from fedad.experiment import dataset_categories, prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +32,14 @@ def test_by_category_uses_every_category_when_none_is_named(root):
 def test_unknown_category_names_the_setting_and_lists_the_available(root):
     with pytest.raises(ConfigError, match=r"category='bolt'.*available: brick, washer"):
         prepare_data(ExperimentConfig(data_path=str(root), category="bolt"), 2)
+
+
+def test_dataset_categories_defaults_to_all_and_names_what_is_missing(root, tmp_path):
+    assert dataset_categories(str(root)) == (root.resolve(), ("brick", "washer"))
+    assert dataset_categories(str(root), ["washer"])[1] == ("washer",)
+    with pytest.raises(ConfigError, match=r"bolt not found.*available: brick, washer"):
+        dataset_categories(str(root), ["washer", "bolt"])
+    with pytest.raises(ConfigError, match="no category folders"):
+        dataset_categories(str(tmp_path))
+    with pytest.raises(ConfigError, match="data-path='/no/such/dir'"):
+        dataset_categories("/no/such/dir")

@@ -52,20 +52,6 @@ def list_categories(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if _is_category(p))
 
 
-def chosen_categories(root: str | Path, names: Sequence[str] | None = None) -> list[str]:
-    """``names`` (every category under ``root`` when None or empty), checked against
-    :func:`list_categories`; DatasetError naming ``root`` when it holds no category or lacks a
-    named one (listing those it has)."""
-    available = list_categories(root)
-    if not available:
-        raise DatasetError(f"{root}: no category folders with train/ and test/")
-    missing = [n for n in names or () if n not in available]
-    if missing:
-        raise DatasetError(f"{root}: no category {', '.join(missing)} "
-                           f"(available: {', '.join(available)})")
-    return list(names) if names else available
-
-
 def _images(folder: Path) -> list[Path]:
     """Sorted image files directly in ``folder`` (none if it does not exist)."""
     return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
