@@ -5,7 +5,8 @@ Runs every stage on the in-process grid (the same site and server code as `flwr 
 the simulation's processes), once per synthesis mode, and prints Markdown tables.
 
     OMP_NUM_THREADS=2 python bench/dadda.py --out ~/fedad-results/bench-dadda \
-        [--category brick] [--partitioner label-wise] [--clients 4] [--set key=value ...]
+        [--category brick] [--partitioner label-wise] [--clients 4] [--synthesis dam-only] \
+        [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedad.config import ExperimentConfig
+from fedad.dadda.settings import SYNTHESIS
 from fedad.dadda.workflow import run_dadda
 from fedad.inprocess import InProcessGrid
 
@@ -42,16 +44,19 @@ def main() -> None:
     parser.add_argument("--category", default="brick")
     parser.add_argument("--partitioner", default="label-wise")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--synthesis", nargs="+", choices=SYNTHESIS, default=["dam-only", "dadda"],
+                        help="synthesis modes to run (default: both)")
     parser.add_argument("--set", nargs="*", default=[], help="extra run-config key=value")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     extra = dict(item.split("=", 1) for item in args.set)
     table_ii, table_iii, stages = [], [], []
-    for synthesis in ("dam-only", "dadda"):
+    for synthesis in args.synthesis:
         folder = args.out / synthesis
         cfg = ExperimentConfig.from_run_config({
             **BASE, "category": args.category, "partitioner": args.partitioner,
-            "results-dir": str(folder), "dadda-synthesis": synthesis,
+            "min-train-nodes": args.clients, "results-dir": str(folder),
+            "dadda-synthesis": synthesis,
             "dadda-cache-dir": str(args.out / "cache"),
             **{k: _value(v) for k, v in extra.items()}})
         start, cpu = time.perf_counter(), time.process_time()

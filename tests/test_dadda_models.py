@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from fedad.dadda.detector import DADDADetector
+from fedad.dadda.detector import DADDADetector, mask_centres, window_grid, windows_at
 from fedad.dadda.diffusion import sample, train_diffusion
 from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs, finetune_image_model, sample_masks
@@ -140,3 +142,59 @@ def test_ema_warm_up_follows_the_weights_early_and_caps_at_the_decay() -> None:
     late = update(torch.zeros(1), torch.ones(1), torch.tensor(100000))
     assert early.item() > 0.5, "a short run's EMA must not stay at the initial weights"
     assert late.item() == pytest.approx(0.005)
+
+
+def test_windows_at_cut_the_window_around_the_centre_inside_the_image() -> None:
+    images = torch.rand(2, 3, 32, 32)
+    centres = torch.tensor([[10.0, 20.0], [0.0, 31.0]])  # the second lies at the corner
+    windows = windows_at(images, centres, fraction=0.25, side=8)
+    assert windows.shape == (2, 3, 8, 8)
+    assert torch.allclose(windows[0], images[0, :, 6:14, 16:24], atol=1e-6)
+    assert torch.allclose(windows[1], images[1, :, 0:8, 24:32], atol=1e-6)
+
+
+def test_window_grid_covers_the_image_edge_to_edge() -> None:
+    grid = window_grid(64, 64, fraction=0.25, stride=0.125)  # 16 px windows, 8 px apart
+    rows = sorted(set(grid[:, 0].tolist()))
+    assert grid.shape == (49, 2) and rows[0] == 7.5 and rows[-1] == 55.5
+    assert all(b - a <= 8 for a, b in itertools.pairwise(rows))
+    assert window_grid(32, 32, fraction=1.0, stride=0.5).tolist() == [[15.5, 15.5]]
+
+
+def test_mask_centres_pick_a_defect_pixel_or_any_pixel_of_a_normal_image() -> None:
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[0, 0, 2:4, 11:13] = 1
+    masks[1, 0, 9, 5] = 1
+    centres = mask_centres(masks, torch.Generator().manual_seed(0))
+    rows, cols = centres[:, 0].long(), centres[:, 1].long()
+    assert masks[0, 0, rows[0], cols[0]] == 1 and centres[1].tolist() == [9.0, 5.0]
+    normal = mask_centres(masks[2:].expand(200, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert normal.min() >= 0 and normal.max() <= 15 and len(set(map(tuple, normal.tolist()))) > 50
+
+
+def test_windows_classifier_scores_each_type_by_its_most_confident_window() -> None:
+    torch.manual_seed(0)
+    detector = DADDADetector(3, classifier="resnet10t", localizer_channels=4,
+                             window_fraction=0.25, window_stride=0.25).eval()
+    images = torch.rand(2, 3, 32, 32)
+    grid = window_grid(32, 32, 0.25, 0.25)
+    with torch.no_grad():
+        windows = torch.stack([detector.window_logits(images, c.expand(2, 2)) for c in grid], 1)
+        output = detector(images)
+        outside = images.clone()
+        outside[:, :, :8, :8] = 0.0  # inside the first window, outside the last
+        unchanged = detector.window_logits(outside, grid[-1].expand(2, 2))
+    assert windows.shape == (2, len(grid), 4)  # K + 1 outputs: the last is "no defect"
+    expected = windows.softmax(-1)[..., :3].amax(dim=1).log()
+    assert output.class_logits.shape == (2, 3)
+    assert torch.allclose(output.class_logits, expected, atol=1e-5)
+    assert torch.allclose(unchanged, windows[:, -1], atol=1e-5)
+
+
+def test_settings_name_bad_classifier_input() -> None:
+    with pytest.raises(ValueError, match="dadda-classifier-input='mask'"):
+        DADDASettings(dadda_classifier_input="mask")
+    with pytest.raises(ValueError, match="dadda-window-fraction=0"):
+        DADDASettings(dadda_window_fraction=0.0)
+    with pytest.raises(ValueError, match="dadda-classifier-lr"):
+        DADDASettings(dadda_classifier_lr=0.0)

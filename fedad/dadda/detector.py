@@ -5,6 +5,14 @@ disk, and averaged by FedAvg.
 
 Model output: ``class_logits`` [B, K] over the category's K defect types ("good" excluded) and
 ``anomaly_logits`` [B, 1, H, W]. Detection score of an image = the maximum of its smoothed map.
+
+The classifier sees either the whole image (the paper) or, by default, windows of it
+(``dadda-classifier-input=windows``): trained on a window at a random pixel of each defect's
+mask, labelled with its type, and on windows of normal images, labelled "no defect" (an extra,
+K+1-th class); an image's defect type is the type that some window of a grid is most confident
+of. Industrial defects often cover under 1 % of the image; a whole-image classifier fitted on a
+few real defects per type learns the images, not the defects (measured in BENCHMARKS.md,
+section D-ADDA).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops import roi_align
 
 from fedad.config import ExperimentConfig
 from fedad.dadda.settings import DADDASettings
@@ -49,28 +58,98 @@ class DetectorOutput:
     anomaly_logits: torch.Tensor
 
 
+WINDOW_SIDE = 96
+"""Side in pixels at which the classifier sees a window (resampled to it)."""
+
+
+def mask_centres(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random defect pixel of each mask [B, 1, H, W] -> centres [B, 2] (row, column), float;
+    a uniformly random pixel for an empty mask (a normal image)."""
+    flat = masks.flatten(1) > 0.5
+    weights = torch.where(flat.any(dim=1, keepdim=True), flat.float(), torch.ones_like(flat,
+                          dtype=torch.float32))
+    index = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    width = masks.shape[-1]
+    return torch.stack([index // width, index % width], dim=1).float()
+
+
+def window_grid(height: int, width: int, fraction: float, stride: float) -> torch.Tensor:
+    """Centres [G, 2] (row, column) of windows of ``fraction`` of the image side, ``stride``
+    (a fraction of the side) apart, covering the image edge to edge."""
+    size = max(1, round(fraction * min(height, width)))
+    step = max(1.0, stride * min(height, width))
+    axes = []
+    for side in (height, width):
+        first, last = (size - 1) / 2, side - 1 - (size - 1) / 2
+        count = max(1, int(np.ceil((last - first) / step)) + 1)
+        axes.append(torch.linspace(first, last, count))
+    return torch.cartesian_prod(*axes)
+
+
+def windows_at(images: torch.Tensor, centres: torch.Tensor, fraction: float,
+               side: int = WINDOW_SIDE) -> torch.Tensor:
+    """Square windows of ``fraction`` of the image side around ``centres`` [B, 2] (row,
+    column), shifted to lie inside the image: images [B, 3, H, W] -> [B, 3, side, side]."""
+    height, width = images.shape[-2:]
+    size = max(1, round(fraction * min(height, width)))
+    top = (centres[:, 0] - (size - 1) / 2).round().clamp(0, height - size)
+    left = (centres[:, 1] - (size - 1) / 2).round().clamp(0, width - size)
+    boxes = torch.stack([torch.arange(len(images)).to(top), left, top, left + size, top + size],
+                        dim=1).to(images.dtype)
+    return roi_align(images, boxes, output_size=side, aligned=True)
+
+
 class DADDADetector(nn.Module):
     """F_cls and F_det/loc (U-Net) on the same image.
 
     Args:
-        num_defect_types: K, the classifier's outputs.
+        num_defect_types: K, the defect types.
         classifier: ``lite0`` (ImageNet pre-trained, fine-tuned) or a timm architecture name
             trained from scratch (e.g. resnet10t, resnet18); see
             :func:`fedad.models.backbones.create_classifier`.
         localizer_channels: base channels of the U-Net localizer.
+        window_fraction: None: the classifier sees the whole image (the paper); else windows of
+            this fraction of the image side, with K + 1 outputs (the last: no defect).
+        window_stride: distance of the scanned windows' centres, a fraction of the image side.
     """
 
     def __init__(self, num_defect_types: int, classifier: str = "resnet10t",
-                 localizer_channels: int = 16) -> None:
+                 localizer_channels: int = 16, window_fraction: float | None = None,
+                 window_stride: float = 0.125) -> None:
         super().__init__()
         if num_defect_types < 1:
             raise ValueError(f"DADDADetector: num_defect_types={num_defect_types} must be >= 1")
-        self.classifier = create_classifier(classifier, num_defect_types)
+        self.num_defect_types = num_defect_types
+        self.window_fraction = window_fraction
+        self.window_stride = window_stride
+        outputs = num_defect_types + (window_fraction is not None)
+        self.classifier = create_classifier(classifier, outputs)
         self.localizer = UNetLocalizer(localizer_channels)
 
+    def window_logits(self, images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W], centres [B, 2] -> logits [B, K + 1] of the window at each
+        centre (the last class: no defect)."""
+        if self.window_fraction is None:
+            raise ValueError("window_logits: this detector classifies whole images")
+        return self.classifier(windows_at(images, centres, self.window_fraction))
+
+    def class_logits(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """images [B, 3, H, W] -> defect-type scores [B, K]: the whole image's logits, or the
+        log of each type's highest probability over the window grid (``chunk`` windows per
+        classifier call)."""
+        if self.window_fraction is None:
+            return self.classifier(images)
+        grid = window_grid(*images.shape[-2:], self.window_fraction, self.window_stride)
+        index = torch.arange(len(images)).repeat_interleave(len(grid))
+        centres = grid.repeat(len(images), 1)
+        logits = torch.cat([self.window_logits(images[index[part]], centres[part])
+                            for part in torch.arange(len(index)).split(chunk)])
+        probabilities = logits.softmax(dim=1).view(len(images), len(grid), -1)
+        return probabilities[..., :-1].amax(dim=1).clamp_min(1e-12).log()
+
     def forward(self, images: torch.Tensor) -> DetectorOutput:
-        """images [B, 3, H, W] in [0, 1] -> :class:`DetectorOutput`."""
-        return DetectorOutput(self.classifier(images), self.localizer(images))
+        """images [B, 3, H, W] in [0, 1] -> :class:`DetectorOutput` (class scores [B, K])."""
+        return DetectorOutput(self.class_logits(images), self.localizer(images))
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,10 +166,14 @@ def defect_types_of(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 def build_detector(cfg: ExperimentConfig) -> DADDADetector:
     """The detector for ``cfg``'s category (settings ``dadda-classifier``,
-    ``dadda-localizer-channels``)."""
+    ``dadda-localizer-channels``, ``dadda-classifier-input``, ``dadda-window-fraction``,
+    ``dadda-window-stride``)."""
     settings = cfg.section(DADDASettings)
+    windows = settings.dadda_classifier_input == "windows"
     return DADDADetector(len(defect_types_of(cfg)), settings.dadda_classifier,
-                         settings.dadda_localizer_channels)
+                         settings.dadda_localizer_channels,
+                         settings.dadda_window_fraction if windows else None,
+                         settings.dadda_window_stride)
 
 
 CACHE_VERSION = 2
@@ -98,8 +181,9 @@ CACHE_VERSION = 2
 SYNTHESIS_KEYS = frozenset({"data-path", "category", "seed", "partitioner", "dirichlet-alpha",
                             "image-size", "use-real-defects", "val-fraction"})
 """Core run-config keys that stages 1-3 depend on (besides the dam-* and dadda-* keys)."""
-DETECTOR_KEYS = frozenset({"dadda-classifier", "dadda-localizer-channels", "dadda-cache-dir",
-                           "dadda-reuse-cache"})
+DETECTOR_KEYS = frozenset({"dadda-classifier", "dadda-classifier-input", "dadda-window-fraction",
+                           "dadda-window-stride", "dadda-classifier-lr", "dadda-localizer-channels",
+                           "dadda-cache-dir", "dadda-reuse-cache"})
 """dadda-* keys of the detector and of the cache itself, not of the synthesis."""
 
 
@@ -162,11 +246,26 @@ def detector_loss(output: DetectorOutput, masks: torch.Tensor, classes: torch.Te
     return {"loss": map_loss + class_loss, "map_loss": map_loss, "class_loss": class_loss}
 
 
+def _training_output(model: DADDADetector, images: torch.Tensor, masks: torch.Tensor,
+                     classes: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[DetectorOutput, torch.Tensor]:
+    """The detector's output on a training batch and the class targets [B]: a whole-image
+    classifier's, or a windows classifier's on one window per image (at a defect pixel, or
+    anywhere in a normal image, whose target becomes the no-defect class K)."""
+    if model.window_fraction is None:
+        return model(images), classes
+    logits = model.window_logits(images, mask_centres(masks, generator))
+    targets = torch.where(classes == IGNORE, model.num_defect_types, classes)
+    return DetectorOutput(logits, model.localizer(images)), targets
+
+
 def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig, *,
                  seed: int, server_round: int, extra_loss=None) -> dict[str, float]:
     """One site's local training for a round: ``local-epochs`` over its real training samples
     plus its cached synthetic pairs (:func:`synthetic_cache_path`), batches of
-    ``batch-size``, AdamW at ``lr``; ``max-train-batches`` caps each epoch.
+    ``batch-size``, AdamW at ``lr`` (localizer) and ``dadda-classifier-lr`` (classifier);
+    ``max-train-batches`` caps each epoch. A windows classifier sees the window at a random
+    pixel of each defect's mask, and at a random pixel of each normal image ("no defect").
 
     Returns mean losses of the last epoch, ``num-examples``, ``num-synthetic``, ``train_seconds``.
     """
@@ -177,7 +276,11 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
     if not len(images):
         raise ValueError("fit_detector: the site has no training images")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.localizer.parameters()},
+         {"params": model.classifier.parameters(),
+          "lr": cfg.section(DADDASettings).dadda_classifier_lr}],
+        lr=cfg.lr, weight_decay=1e-4)
     model.train()
     totals: dict[str, float] = {}
     steps = 0
@@ -186,8 +289,9 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
         for batch in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
             if len(batch) < 2:  # BatchNorm needs two images
                 continue
-            output = model(images[batch])
-            losses = detector_loss(output, masks[batch], classes[batch])
+            output, targets = _training_output(model, images[batch], masks[batch],
+                                               classes[batch], generator)
+            losses = detector_loss(output, masks[batch], targets)
             if extra_loss is not None:
                 losses["extra_loss"] = extra_loss(output, labels[batch])
                 losses["loss"] = losses["loss"] + losses["extra_loss"]
@@ -209,16 +313,11 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
 
 
 @torch.no_grad()
-def _outputs(model: DADDADetector, images: torch.Tensor, batch_size: int = 32
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(class logits [N, K], defect probability maps [N, H, W]) of ``images``."""
-    model.eval()
-    logits, maps = [], []
-    for batch in images.split(batch_size):
-        output = model(batch)
-        logits.append(output.class_logits.numpy())
-        maps.append(torch.sigmoid(output.anomaly_logits)[:, 0].numpy())
-    return np.concatenate(logits), np.concatenate(maps)
+def _batched(function, *tensors: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """``function`` of ``tensors`` (rows aligned) in eval mode, ``batch_size`` rows at a time,
+    concatenated."""
+    return np.concatenate([function(*(t[part] for t in tensors)).numpy()
+                           for part in torch.arange(len(tensors[0])).split(batch_size)])
 
 
 def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
@@ -228,7 +327,8 @@ def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Exper
     dataset = AnomalyDataset(samples, cfg.image_size, defect_types=defect_types)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items])
-    _, maps = _outputs(model, images)
+    model.eval()
+    maps = _batched(lambda x: torch.sigmoid(model.localizer(x))[:, 0], images)
     sigma = 2.0 * cfg.image_size / 128
     maps = np.stack([gaussian_filter(m, sigma) for m in maps]).astype(np.float32)
     return Predictions(
@@ -240,18 +340,29 @@ def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Exper
     ).check()
 
 
-def classify(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(true, predicted) defect-type indices [N] in [0, K) of the defective ``samples``."""
+def classify(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
+             at_true_defect: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) defect-type indices [N] in [0, K) of the defective ``samples``.
+
+    ``at_true_defect``: a windows classifier looks only at the window at a pixel of the
+    ground-truth mask (seeded) instead of scanning the image: its accuracy given where the
+    defect is, a diagnostic that separates recognising a defect type from finding the
+    defect."""
     defective = [s for s in samples if s.label == 1]
-    images, _, _, classes = _real_tensors(defective, cfg)
+    images, masks, _, classes = _real_tensors(defective, cfg)
     if not len(images):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    logits, _ = _outputs(model, images)
+    model.eval()
+    if at_true_defect:
+        centres = mask_centres(masks, torch.Generator().manual_seed(0))
+        logits = _batched(lambda x, c: model.window_logits(x, c)[:, :model.num_defect_types],
+                          images, centres)
+    else:
+        logits = _batched(model.class_logits, images)
     return classes.numpy(), logits.argmax(axis=1)
 
 
 DADDA_RECIPE = ModelRecipe(build=build_detector, fit=fit_detector, predict=predict_detector)
 
 __all__ = ["DADDA_RECIPE", "DADDADetector", "DetectorOutput", "classify", "defect_types_of",
-           "synthetic_cache_path"]
+           "mask_centres", "synthetic_cache_path", "window_grid", "windows_at"]

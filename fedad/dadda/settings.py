@@ -19,6 +19,7 @@ from fedad.models.backbones import PACKAGED
 
 SYNTHESIS = ("dadda", "dam-only")
 SAMPLERS = ("ddim", "ddpm")
+CLASSIFIER_INPUTS = ("windows", "image")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class DADDASettings:
     dadda_dam_per_class: int = 16  # DAM pairs per defect class on each site (paper 500)
     dadda_synth_per_class: int = 16  # diffusion pairs per defect class on each site (paper 500)
     dadda_classifier: str = "resnet10t"  # timm name (from scratch) or lite0/1/2 (pre-trained)
+    dadda_classifier_input: str = "windows"  # windows (+ a no-defect class) | image (paper)
+    dadda_window_fraction: float = 0.25  # side of a classifier window / side of the image
+    dadda_window_stride: float = 0.125  # distance of scanned windows / side of the image
+    dadda_classifier_lr: float = 3e-4  # AdamW lr of the classifier (the localizer's is lr)
     dadda_localizer_channels: int = 16  # base channels of the U-Net localizer
     dadda_cache_dir: str = ""  # site cache of synthetic pairs; empty: ~/.cache/fedad/dadda
     dadda_reuse_cache: bool = True  # skip stages 1-3 when every site holds pairs for them
@@ -53,6 +58,13 @@ class DADDASettings:
         if self.dadda_synthesis not in SYNTHESIS:
             raise ValueError(f"dadda-synthesis={self.dadda_synthesis!r}: expected one of "
                              f"{', '.join(SYNTHESIS)}")
+        if self.dadda_classifier_input not in CLASSIFIER_INPUTS:
+            raise ValueError(f"dadda-classifier-input={self.dadda_classifier_input!r}: expected "
+                             f"one of {', '.join(CLASSIFIER_INPUTS)}")
+        for name in ("dadda_window_fraction", "dadda_window_stride"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: must be in "
+                                 "(0, 1]")
         if self.dadda_sampler not in SAMPLERS:
             raise ValueError(f"dadda-sampler={self.dadda_sampler!r}: expected one of "
                              f"{', '.join(SAMPLERS)}")
@@ -77,8 +89,9 @@ class DADDASettings:
             raise ValueError(f"dadda-ema={self.dadda_ema}: must be in (0, 1)")
         if not 0.0 <= self.dadda_class_dropout < 1.0:
             raise ValueError(f"dadda-class-dropout={self.dadda_class_dropout}: must be in [0, 1)")
-        if not self.dadda_diffusion_lr > 0:
-            raise ValueError(f"dadda-diffusion-lr={self.dadda_diffusion_lr}: must be > 0")
+        for name in ("dadda_diffusion_lr", "dadda_classifier_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: must be > 0")
         if self.dadda_classifier not in PACKAGED and not timm.is_model(self.dadda_classifier):
             raise ValueError(f"dadda-classifier={self.dadda_classifier!r}: neither a packaged "
                              f"backbone ({', '.join(PACKAGED)}) nor a timm architecture "

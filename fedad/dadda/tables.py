@@ -26,15 +26,21 @@ TABLE_II_METRICS = {"Detection AUC": "image_auroc", "Detection AP": "image_ap",
 def accuracy_per_round(results_dir: Path, model: DADDADetector, test: Sequence[Sample],
                        cfg: ExperimentConfig) -> pd.DataFrame:
     """Defect-type accuracy on the test split's defective images of each round's global model
-    (checkpoints/round-*.pt); writes it into rounds.csv as ``class_accuracy`` and returns
-    rounds.csv."""
+    (checkpoints/round-*.pt); writes it into rounds.csv as ``class_accuracy`` (a windows
+    classifier also as ``class_accuracy_at_true_defect``, looking where the ground truth says
+    the defect is) and returns rounds.csv."""
     rounds = pd.read_csv(results_dir / "rounds.csv")
-    accuracy = []
+    columns = {"class_accuracy": False}
+    if model.window_fraction is not None:
+        columns["class_accuracy_at_true_defect"] = True
+    accuracy: dict[str, list[float]] = {column: [] for column in columns}
     for server_round in rounds["round"]:
         path = results_dir / "checkpoints" / f"round-{int(server_round):03d}.pt"
         load_trainable_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
-        accuracy.append(class_accuracy(*classify(model, test, cfg)))
-    rounds["class_accuracy"] = accuracy
+        for column, at_true_defect in columns.items():
+            accuracy[column].append(class_accuracy(*classify(model, test, cfg, at_true_defect)))
+    for column, values in accuracy.items():
+        rounds[column] = values
     rounds.to_csv(results_dir / "rounds.csv", index=False)
     return rounds
 
@@ -56,7 +62,8 @@ def write_tables(results_dir: Path, cfg: ExperimentConfig, synthesis: str, num_c
                  rounds: pd.DataFrame) -> dict[str, float]:
     """table_ii.{csv,md} (detection/localization of the last round, %), table_iii.{csv,md}
     (this run's row: clients, B, E, IID, U-Pro, F-Pro in %), and class accuracy in
-    summary.json's ``final`` (F-Pro as ``class_accuracy``, U-Pro as ``class_accuracy_u_pro``).
+    summary.json's ``final`` (F-Pro as ``class_accuracy``, U-Pro as ``class_accuracy_u_pro``,
+    the last round's ``class_accuracy_at_true_defect`` where rounds.csv has it).
     Returns the protocol accuracies."""
     last = rounds.iloc[-1]
     table_ii = pd.DataFrame([{"Synthesis": synthesis, **{
@@ -74,6 +81,9 @@ def write_tables(results_dir: Path, cfg: ExperimentConfig, synthesis: str, num_c
     final = summary.setdefault("final", {})
     final["class_accuracy"] = protocol["f_pro"]
     final["class_accuracy_u_pro"] = protocol["u_pro"]
+    if "class_accuracy_at_true_defect" in rounds:
+        final["class_accuracy_at_true_defect"] = float(rounds["class_accuracy_at_true_defect"]
+                                                       .iloc[-1])
     summary["class_accuracy_u_pro_round"] = protocol["u_pro_round"]
     summary_path.write_text(json.dumps(
         summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
