@@ -65,9 +65,9 @@ WINDOW_SIDE = 96
 def mask_centres(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random defect pixel of each mask [B, 1, H, W] -> centres [B, 2] (row, column), float;
     a uniformly random pixel for an empty mask (a normal image)."""
-    flat = masks.flatten(1) > 0.5
-    weights = torch.where(flat.any(dim=1, keepdim=True), flat.float(), torch.ones_like(flat,
-                          dtype=torch.float32))
+    defect = (masks.flatten(1) > 0.5).float()
+    normal = defect.sum(dim=1, keepdim=True) == 0
+    weights = torch.where(normal, torch.ones_like(defect), defect)
     index = torch.multinomial(weights, 1, generator=generator)[:, 0]
     width = masks.shape[-1]
     return torch.stack([index // width, index % width], dim=1).float()
@@ -314,8 +314,8 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
 
 @torch.no_grad()
 def _batched(function, *tensors: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """``function`` of ``tensors`` (rows aligned) in eval mode, ``batch_size`` rows at a time,
-    concatenated."""
+    """``function`` of ``tensors`` (rows aligned) without gradients, ``batch_size`` rows at a
+    time, concatenated."""
     return np.concatenate([function(*(t[part] for t in tensors)).numpy()
                            for part in torch.arange(len(tensors[0])).split(batch_size)])
 
