@@ -61,16 +61,11 @@ class Whitening:
         return cls(mean.astype(np.float32), matrix.astype(np.float32))
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        """Whitened features: [N, D] -> [N, D], or maps [N, D, h, w] -> [N, D, h, w]."""
+        """Whitened features: [N, D] -> [N, D] float32."""
         mean, matrix = torch.from_numpy(self.mean), torch.from_numpy(self.matrix)
-        width = 1 if features.dim() == 4 else -1
-        if features.dim() not in (2, 4) or features.shape[width] != len(mean):
+        if features.dim() != 2 or features.shape[1] != len(mean):
             raise ValueError(f"whitening of width {len(mean)} applied to features "
                              f"{list(features.shape)}")
-        if features.dim() == 4:
-            n, d, h, w = features.shape
-            flat = self.apply(features.permute(0, 2, 3, 1).reshape(-1, d))
-            return flat.reshape(n, h, w, d).permute(0, 3, 1, 2).contiguous()
         return (features.float() - mean) @ matrix
 
     def add_to(self, content: RecordDict) -> RecordDict:
