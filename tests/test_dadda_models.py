@@ -198,3 +198,21 @@ def test_settings_name_bad_classifier_input() -> None:
         DADDASettings(dadda_window_fraction=0.0)
     with pytest.raises(ValueError, match="dadda-classifier-lr"):
         DADDASettings(dadda_classifier_lr=0.0)
+
+
+def test_windows_training_labels_normal_images_no_defect() -> None:
+    from fedad.dadda.detector import IGNORE, _training_output
+
+    torch.manual_seed(0)
+    detector = DADDADetector(3, classifier="resnet10t", localizer_channels=4,
+                             window_fraction=0.25)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[1, 0, 4:6, 20:22] = 1
+    output, targets = _training_output(detector, torch.rand(2, 3, 32, 32), masks,
+                                       torch.tensor([IGNORE, 1]), torch.Generator())
+    assert targets.tolist() == [3, 1]  # the normal image's window: class K = "no defect"
+    assert output.class_logits.shape == (2, 4) and output.anomaly_logits.shape == (2, 1, 32, 32)
+    whole = DADDADetector(3, classifier="resnet10t", localizer_channels=4)
+    output, targets = _training_output(whole, torch.rand(2, 3, 32, 32), masks,
+                                       torch.tensor([IGNORE, 1]), torch.Generator())
+    assert targets.tolist() == [IGNORE, 1] and output.class_logits.shape == (2, 3)
