@@ -65,6 +65,10 @@ def test_all_stages_in_process_refuse_a_tampered_upload(tmp_path, monkeypatch) -
     final = json.loads((root / "summary.json").read_text())["final"]
     assert final["class_accuracy"] == pytest.approx(rounds["class_accuracy"].iloc[-1])
     assert final["class_accuracy_u_pro"] == pytest.approx(rounds["class_accuracy"].max())
+    # the default windows classifier is also scored where the ground truth puts the defect
+    assert rounds["class_accuracy_at_true_defect"].between(0, 1).all()
+    assert final["class_accuracy_at_true_defect"] == pytest.approx(
+        rounds["class_accuracy_at_true_defect"].iloc[-1])
     table_ii = pd.read_csv(root / "table_ii.csv")
     assert table_ii["Synthesis"].tolist() == ["dadda"]
     assert table_ii["Detection AUC"].iloc[0] == pytest.approx(100 * rounds["image_auroc"].iloc[-1])

@@ -169,12 +169,13 @@ def test_a_subsample_of_patches_is_the_same_rows_as_from_the_full_flattening():
 
 def test_maps_whitened_chunk_by_chunk_equal_maps_of_the_whitened_set(monkeypatch):
     features = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    whitening = Whitening.from_moments([feature_moments(
-        features.permute(0, 2, 3, 1).reshape(-1, 3))])
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 3)
+    whitening = Whitening.from_moments([feature_moments(flat)])
+    whitened = whitening.apply(flat).reshape(5, SIZE, SIZE, 3).permute(0, 3, 1, 2)
     head = FirstChannelHead(HeadSettings(), 3)
     monkeypatch.setattr("fedad.heads.scoring.PATCHES_PER_CHUNK", 2 * SIZE * SIZE)
     chunked = anomaly_maps(head, None, features, SIZE, 1, whitening=whitening)
-    whole = anomaly_maps(head, None, whitening.apply(features), SIZE, 1)
+    whole = anomaly_maps(head, None, whitened, SIZE, 1)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
     assert not np.allclose(chunked, anomaly_maps(head, None, features, SIZE, 1))
 
