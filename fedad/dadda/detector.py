@@ -73,10 +73,15 @@ def mask_centres(masks: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.stack([index // width, index % width], dim=1).float()
 
 
+def _window_size(height: int, width: int, fraction: float) -> int:
+    """Side in pixels of a window of ``fraction`` of the image's shorter side."""
+    return max(1, round(fraction * min(height, width)))
+
+
 def window_grid(height: int, width: int, fraction: float, stride: float) -> torch.Tensor:
     """Centres [G, 2] (row, column) of windows of ``fraction`` of the image side, ``stride``
     (a fraction of the side) apart, covering the image edge to edge."""
-    size = max(1, round(fraction * min(height, width)))
+    size = _window_size(height, width, fraction)
     step = max(1.0, stride * min(height, width))
     axes = []
     for side in (height, width):
@@ -91,7 +96,7 @@ def windows_at(images: torch.Tensor, centres: torch.Tensor, fraction: float,
     """Square windows of ``fraction`` of the image side around ``centres`` [B, 2] (row,
     column), shifted to lie inside the image: images [B, 3, H, W] -> [B, 3, side, side]."""
     height, width = images.shape[-2:]
-    size = max(1, round(fraction * min(height, width)))
+    size = _window_size(height, width, fraction)
     top = (centres[:, 0] - (size - 1) / 2).round().clamp(0, height - size)
     left = (centres[:, 1] - (size - 1) / 2).round().clamp(0, width - size)
     boxes = torch.stack([torch.arange(len(images)).to(top), left, top, left + size, top + size],
@@ -340,29 +345,44 @@ def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Exper
     ).check()
 
 
-def classify(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
-             at_true_defect: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(true, predicted) defect-type indices [N] in [0, K) of the defective ``samples``.
+@dataclass
+class Defects:
+    """Defective images [N, 3, H, W] in [0, 1], their masks [N, 1, H, W] and defect-type
+    indices [N] in [0, K)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    classes: torch.Tensor
+
+
+def load_defects(samples: Sequence[Sample], cfg: ExperimentConfig) -> Defects:
+    """The defective ``samples`` at ``image-size``, read once for any number of models."""
+    images, masks, _, classes = _real_tensors([s for s in samples if s.label == 1], cfg)
+    return Defects(images, masks, classes)
+
+
+def classify(model: DADDADetector, defects: Defects, at_true_defect: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) defect-type indices [N] in [0, K) of ``defects``.
 
     ``at_true_defect``: a windows classifier looks only at the window at a pixel of the
     ground-truth mask (seeded) instead of scanning the image: its accuracy given where the
     defect is, a diagnostic that separates recognising a defect type from finding the
     defect."""
-    defective = [s for s in samples if s.label == 1]
-    images, masks, _, classes = _real_tensors(defective, cfg)
-    if not len(images):
+    if not len(defects.images):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     model.eval()
     if at_true_defect:
-        centres = mask_centres(masks, torch.Generator().manual_seed(0))
+        centres = mask_centres(defects.masks, torch.Generator().manual_seed(0))
         logits = _batched(lambda x, c: model.window_logits(x, c)[:, :model.num_defect_types],
-                          images, centres)
+                          defects.images, centres)
     else:
-        logits = _batched(model.class_logits, images)
-    return classes.numpy(), logits.argmax(axis=1)
+        logits = _batched(model.class_logits, defects.images)
+    return defects.classes.numpy(), logits.argmax(axis=1)
 
 
 DADDA_RECIPE = ModelRecipe(build=build_detector, fit=fit_detector, predict=predict_detector)
 
-__all__ = ["DADDA_RECIPE", "DADDADetector", "DetectorOutput", "classify", "defect_types_of",
+__all__ = ["DADDA_RECIPE", "DADDADetector", "Defects", "DetectorOutput", "classify",
+           "defect_types_of", "load_defects",
            "mask_centres", "synthetic_cache_path", "window_grid", "windows_at"]

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from fedad.config import ExperimentConfig
-from fedad.dadda.detector import DADDADetector, classify
+from fedad.dadda.detector import DADDADetector, classify, load_defects
 from fedad.data import Sample
 from fedad.metrics import class_accuracy
 from fedad.models import load_trainable_state_dict
@@ -34,11 +34,12 @@ def accuracy_per_round(results_dir: Path, model: DADDADetector, test: Sequence[S
     if model.window_fraction is not None:
         columns["class_accuracy_at_true_defect"] = True
     accuracy: dict[str, list[float]] = {column: [] for column in columns}
+    defects = load_defects(test, cfg)
     for server_round in rounds["round"]:
         path = results_dir / "checkpoints" / f"round-{int(server_round):03d}.pt"
         load_trainable_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
         for column, at_true_defect in columns.items():
-            accuracy[column].append(class_accuracy(*classify(model, test, cfg, at_true_defect)))
+            accuracy[column].append(class_accuracy(*classify(model, defects, at_true_defect)))
     for column, values in accuracy.items():
         rounds[column] = values
     rounds.to_csv(results_dir / "rounds.csv", index=False)
