@@ -96,10 +96,7 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
     site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma,
                               whitening=whitening) for site in sites]
     baseline = site_baseline(variant.settings, site_maps)
-    moments = []
-    for maps in site_maps:
-        maps = maps if baseline is None else maps - baseline
-        moments.append(score_moments(maps, image_scores(maps, variant.settings)))
+    moments = [score_moments(maps, variant.settings, baseline) for maps in site_maps]
     cfg = ExperimentConfig(method=variant.method, image_size=image_size, seed=seed,
                            extra={k.replace("_", "-"): v for k, v in
                                   dataclasses.asdict(variant.settings).items()})

@@ -143,3 +143,27 @@ def test_feature_scales_widen_the_statistics_that_cross(dataset, tmp_path):
         head_settings(config(dataset, results, **{"feature-scales": "1,x"}))
     with pytest.raises(ConfigError, match="feature-scales='0'"):
         head_settings(config(dataset, results, **{"feature-scales": "0"}))
+
+
+def test_a_site_scores_its_normal_images_once_per_global_head(dataset, tmp_path, monkeypatch):
+    from fedad.heads import site
+    from fedad.heads.scoring import anomaly_maps, score_moments
+
+    cfg = config(dataset, tmp_path / "results", method="memorybank")
+    head = site.fit_or_refine(cfg, 0, 2, None)
+    other = site.fit_or_refine(cfg, 1, 2, None)
+    calls = []
+    monkeypatch.setattr(site, "anomaly_maps", lambda *a, **k: calls.append(1) or anomaly_maps(
+        *a, **k))
+    sent = site.site_normal_map(cfg, 0, 2, head)
+    assert len(calls) == 2  # training and validation images
+    baseline = np.full((64, 64), 0.25, np.float32)
+    moments = site.calibration_moments(cfg, 0, 2, head, baseline=baseline)
+    assert len(calls) == 2  # the validation maps of the normal-map message, reused
+    val = site.normal_patches(cfg, 0, 2, "val")
+    fresh = anomaly_maps(site.head_for(cfg), head, val.features, 64,
+                         site.head_settings(cfg).map_sigma)
+    assert moments == pytest.approx(score_moments(fresh, site.head_settings(cfg), baseline))
+    assert sent.count == len(fresh) + len(site.normal_patches(cfg, 0, 2, "train").labels)
+    site.calibration_moments(cfg, 0, 2, other)  # another head: scored again
+    assert len(calls) == 3

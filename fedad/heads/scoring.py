@@ -110,12 +110,17 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
         maps = np.stack([gaussian_filter(m, sigma) for m in maps])
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{type(head).__name__}: non-finite anomaly maps")
-    if baseline is not None:
-        if baseline.shape != maps.shape[1:]:
-            raise ValueError(f"map baseline {list(baseline.shape)} for maps "
-                             f"{list(maps.shape[1:])}")
-        maps = maps - baseline
-    return maps
+    return less_baseline(maps, baseline)
+
+
+def less_baseline(maps: np.ndarray, baseline: np.ndarray | None) -> np.ndarray:
+    """Maps [N, H, W] minus ``baseline`` [H, W] (:func:`map_baseline`), or as they are
+    without one."""
+    if baseline is None:
+        return maps
+    if baseline.shape != maps.shape[1:]:
+        raise ValueError(f"map baseline {list(baseline.shape)} for maps {list(maps.shape[1:])}")
+    return maps - baseline
 
 
 def normal_map(maps: np.ndarray) -> Payload:
@@ -197,8 +202,12 @@ class ScoreScale:
                 squash(scores, self.image_threshold, self.image_scale))
 
 
-def score_moments(maps: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Moments of raw maps [N, H, W] and image scores [N] of normal images, for calibration."""
+def score_moments(maps: np.ndarray, settings: HeadSettings,
+                  baseline: np.ndarray | None = None) -> dict[str, float]:
+    """Moments of normal images' raw maps [N, H, W] (less ``baseline`` [H, W] if given) and of
+    their image scores, for calibration."""
+    maps = less_baseline(maps, baseline)
+    scores = image_scores(maps, settings)
     return {"count": float(len(scores)), "image_mean": float(scores.mean()),
             "image_var": float(scores.var()), "pixel_mean": float(maps.mean()),
             "pixel_var": float(maps.var())}

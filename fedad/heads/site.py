@@ -18,7 +18,6 @@ from fedad.heads.scoring import (
     PatchSet,
     anomaly_maps,
     extract_patches,
-    image_scores,
     normal_map,
     score_moments,
 )
@@ -70,18 +69,36 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     return head.refine_local(global_head, features)
 
 
+_NORMAL_MAPS: dict[tuple, np.ndarray] = {}
+"""Raw normal maps under the last global head (and whitening), by site and role."""
+
+
+def normal_maps(cfg: ExperimentConfig, partition_id: int, num_partitions: int, role: str,
+                global_head: Payload, whitening: Whitening | None = None) -> np.ndarray | None:
+    """Raw anomaly maps [N, S, S] of the site's normal ``role`` images ("train" | "val") under
+    ``global_head``; None when it has none. The last head's maps are kept (per process): a
+    round's ``normal-map`` and ``evaluate`` messages score the same images under one head."""
+    patches = normal_patches(cfg, partition_id, num_partitions, role)
+    if patches is None:
+        return None
+    scored_by = (global_head.digest(), None if whitening is None else whitening.digest())
+    key = (cfg, partition_id, num_partitions, role, scored_by)
+    if key not in _NORMAL_MAPS:
+        for stale in [k for k in _NORMAL_MAPS if k[-1] != scored_by]:
+            del _NORMAL_MAPS[stale]
+        _NORMAL_MAPS[key] = anomaly_maps(head_for(cfg), global_head, patches.features,
+                                         cfg.image_size, head_settings(cfg).map_sigma,
+                                         whitening=whitening)
+    return _NORMAL_MAPS[key]
+
+
 def site_normal_map(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
                     global_head: Payload, whitening: Whitening | None = None) -> Payload | None:
     """The ``normal-map`` payload: mean raw anomaly map [S, S] of all the site's normal images
     (training and validation) under the global head; None when it holds none."""
-    sets = [patches for role in ("train", "val")
-            if (patches := normal_patches(cfg, partition_id, num_partitions, role)) is not None]
-    if not sets:
-        return None
-    head, sigma = head_for(cfg), head_settings(cfg).map_sigma
-    return normal_map(np.concatenate([
-        anomaly_maps(head, global_head, p.features, cfg.image_size, sigma, whitening=whitening)
-        for p in sets]))
+    sets = [maps for role in ("train", "val") if (maps := normal_maps(
+        cfg, partition_id, num_partitions, role, global_head, whitening)) is not None]
+    return normal_map(np.concatenate(sets)) if sets else None
 
 
 def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
@@ -90,11 +107,8 @@ def calibration_moments(cfg: ExperimentConfig, partition_id: int, num_partitions
     """Score moments of the site's normal validation images (training images when it has no
     validation images) under the global head, their maps less ``baseline`` [S, S] if given;
     None when it has neither."""
-    patches = (normal_patches(cfg, partition_id, num_partitions, "val")
-               or normal_patches(cfg, partition_id, num_partitions, "train"))
-    if patches is None:
+    maps = next((m for role in ("val", "train") if (m := normal_maps(
+        cfg, partition_id, num_partitions, role, global_head, whitening)) is not None), None)
+    if maps is None:
         return None
-    settings = head_settings(cfg)
-    maps = anomaly_maps(head_for(cfg), global_head, patches.features, cfg.image_size,
-                        settings.map_sigma, baseline, whitening)
-    return score_moments(maps, image_scores(maps, settings))
+    return score_moments(maps, head_settings(cfg), baseline)
