@@ -1,17 +1,19 @@
 """Choosing the feature heads' settings without test images: a validation split of synthetic
 anomalies on held-out normal training images.
 
-A fifth of each category's normal training images is held out; the Sinkhorn memory bank is
-fitted on the rest; the held-out images are scored as they are (normal) and with DRAEM /
-CutPaste-style anomalies (fedad.train.synthetic_anomalies, which knows nothing of the synthetic
-data generator). Image and pixel AUROC on that split compare the values of any HeadSettings
-keys (``--vary KEY VALUE ...``, repeatable; every combination is run), at each image size, on
-large (the papers' sizes) and small anomalies (``--extents``). Features are extracted once per
-combination of feature settings, each bank is fitted once and each map computed once.
-Only training images are read, so the same procedure serves real data.
+A fifth of each category's normal training images is held out; a feature head (``--method``,
+the Sinkhorn memory bank by default) is fitted on the rest; the held-out images are scored as
+they are (normal) and with DRAEM / CutPaste-style anomalies (fedad.train.synthetic_anomalies,
+which knows nothing of the synthetic data generator). Image and pixel AUROC on that split
+compare the values of any HeadSettings keys (``--vary KEY VALUE ...``, repeatable; every
+combination is run), at each image size, on large (the papers' sizes) and small anomalies
+(``--extents``). Features are extracted once per combination of feature settings, each head is
+fitted once and each map computed once. Only training images are read, so the same procedure
+serves real data.
 
     python bench/heads_validation.py --out /tmp/hv --vary feature-layers 2,3 1,2,3 \
         --vary map-baseline false true --extents small large
+    python bench/heads_validation.py --out /tmp/hv-flow --method flow --vary flow-blocks 4 8
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from sklearn.metrics import roc_auc_score
 from fedad.config import ConfigError
 from fedad.data import AnomalyDataset, scan_category
 from fedad.experiment import dataset_categories
-from fedad.heads.memory_bank import MemoryBankHead
-from fedad.heads.registry import head_settings_from, settings_extractor
+from fedad.heads.registry import HEADS, head_settings_from, settings_extractor
 from fedad.heads.scoring import (
     anomaly_maps,
     extract_patches,
@@ -52,7 +53,7 @@ FEATURE_FIELDS = tuple(f.name for f in dataclasses.fields(HeadSettings)
 """Settings that change the patch features (features are extracted once per combination)."""
 MAP_FIELDS = ("map_sigma", "map_baseline")
 IMAGE_SCORE_FIELDS = ("image_score", "topk_fraction")
-"""Settings applied to the maps of a fitted bank; every other field changes the fit."""
+"""Settings applied to the maps of a fitted head; every other field changes the fit."""
 cached_extractor = functools.cache(settings_extractor)
 """One extractor per (settings, image size), shared by the categories."""
 
@@ -80,11 +81,11 @@ def grouped(points: list[HeadSettings], fields: tuple[str, ...]
 
 
 def validate(root: Path, category: str, image_size: int, points: list[HeadSettings],
-             seed: int, extents: list[str], copies: int = 1
+             seed: int, extents: list[str], copies: int = 1, method: str = "memorybank"
              ) -> Iterator[tuple[HeadSettings, str, dict[str, float]]]:
-    """(settings, extent, validation image / pixel AUROC) of the Sinkhorn bank on one category
-    of ``root`` for each of ``points`` and each extent of synthetic anomalies (``copies``
-    anomalous versions of each held-out normal image)."""
+    """(settings, extent, validation image / pixel AUROC) of the feature head ``method`` on one
+    category of ``root`` for each of ``points`` and each extent of synthetic anomalies
+    (``copies`` anomalous versions of each held-out normal image)."""
     fit, normals = validation_split(root, category, image_size, seed)
     anomalies = {extent: AnomalySynthesizer(probability=1.0, seed=seed, extent=extent)(
         normals.repeat(copies, 1, 1, 1)) for extent in extents}
@@ -98,11 +99,11 @@ def validate(root: Path, category: str, image_size: int, points: list[HeadSettin
             held_out = {extent: torch.cat([extractor(batch) for batch in torch.cat(
                 [normals, anomalous]).split(16)]) for extent, (anomalous, _) in anomalies.items()}
         for settings, by_fit in grouped(by_features, fit_fields):
-            bank = fit_patches.flat(settings.max_patches, seed=seed)
-            whitening = (Whitening.from_moments([feature_moments(bank)])
+            fit_set = fit_patches.flat(settings.max_patches, seed=seed)
+            whitening = (Whitening.from_moments([feature_moments(fit_set)])
                          if settings.feature_whitening else None)
-            head = MemoryBankHead(settings, bank.shape[1], seed)
-            payload = head.fit_local(whiten(bank, whitening))
+            head = HEADS[method](settings, fit_set.shape[1], seed)
+            payload = head.fit_local(whiten(fit_set, whitening))
             for mapping, by_map in grouped(by_fit, MAP_FIELDS):
                 maps_of = functools.partial(anomaly_maps, head, payload, image_size=image_size,
                                             sigma=mapping.map_sigma, whitening=whitening)
@@ -148,6 +149,8 @@ def main() -> None:
                         help="sizes of the synthetic anomalies (fedad.train.synthetic_anomalies)")
     parser.add_argument("--copies", type=int, default=1,
                         help="anomalous versions of each held-out normal image")
+    parser.add_argument("--method", default="memorybank", choices=sorted(HEADS),
+                        help="the feature head validated (default: the Sinkhorn memory bank)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if any(len(values) < 2 for values in args.vary):
@@ -166,7 +169,7 @@ def main() -> None:
     rows = []
     for category, image_size in itertools.product(args.categories, args.image_sizes):
         for point, extent, result in validate(root, category, image_size, points, args.seed,
-                                              args.extents, args.copies):
+                                              args.extents, args.copies, args.method):
             rows.append({"category": category, "image_size": image_size, "extent": extent,
                          **{k: getattr(point, k.replace("-", "_")) for k in keys}, **result})
             log.info("%s", rows[-1])
