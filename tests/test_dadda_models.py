@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,38 @@ def test_windows_training_labels_normal_images_no_defect() -> None:
     output, targets = _training_output(whole, torch.rand(2, 3, 32, 32), masks,
                                        torch.tensor([IGNORE, 1]), torch.Generator())
     assert targets.tolist() == [IGNORE, 1] and output.class_logits.shape == (2, 3)
+
+
+def test_the_paper_config_builds_valid_cells_and_its_models_run_at_128_px() -> None:
+    from fedad.bench.spec import load_spec
+    from fedad.config import ExperimentConfig
+    from fedad.dadda.detector import build_detector
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "configs" / "dadda_paper.yaml")
+    cells = spec.cells()
+    assert len(cells) == 6  # DAM-only / D-ADDA x (centralized, label-wise, IID)
+    settings = [ExperimentConfig.from_run_config(c.run_config).section(DADDASettings)
+                for c in cells]
+    assert {s.dadda_synthesis for s in settings} == {"dam-only", "dadda"}
+    paper = settings[-1]
+    assert (paper.dadda_diffusion_size, paper.dadda_diffusion_steps,
+            paper.dadda_train_iterations, paper.dadda_warmup, paper.dadda_attention_heads,
+            paper.dadda_head_dim) == (128, 1000, 30000, 5000, 4, 32)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 3, 128, 128), torch.tensor([999])
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 40:60, 50:90] = 1
+    image_model = DiffusionUNet(**paper.unet_kwargs(3))  # G^I
+    mask_model = DiffusionUNet(**paper.unet_kwargs(1, num_classes=4))  # G^M
+    tuned = DiffusionUNet(**paper.unet_kwargs(3, mask_conditioning=True))  # stage 3's G^I
+    with torch.no_grad():
+        for output, target in ((image_model(x, t), x), (mask_model(x[:, :1], t, torch.tensor([2])),
+                                                        x[:, :1]),
+                               (tuned(x, t, mask=mask), x)):
+            assert output.shape == target.shape and torch.isfinite(output).all()
+        cfg = ExperimentConfig.from_run_config({**cells[-1].run_config, "category": "hex_nut"})
+        detector = build_detector(cfg)
+        out = detector(torch.rand(2, 3, 128, 128))
+    assert out.class_logits.shape == (2, 5) and out.anomaly_logits.shape == (2, 1, 128, 128)
+    diffusion_parameters = sum(p.numel() for m in (tuned, mask_model) for p in m.parameters())
+    assert 0.6 * 48.3e6 < diffusion_parameters < 1.2 * 48.3e6  # the paper's 48.3 M
