@@ -54,7 +54,7 @@ class FakeRunner:
                                                                     index=False)
         (folder / "summary.json").write_text(json.dumps({"seconds": 1.5, "final": {
             "round": 2, "image_auroc": value, "class_accuracy": value,
-            "class_accuracy_u_pro": value + 0.01}}))
+            "class_accuracy_u_pro": value + 0.01, "class_accuracy_at_true_defect": value + 0.02}}))
         rng = np.random.default_rng(len(cell.name))
         labels = np.array([0, 0, 1, 1, 1])
         np.savez(folder / "scores.npz", labels=labels, image_scores=labels * value
@@ -176,7 +176,8 @@ def test_dadda_table3_preset_has_the_layout_of_the_paper(tmp_path):
     outcomes = run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
     assert len(outcomes) == 56 and all(o.status == "done" for o in outcomes)
     shown = display_table(summarize(collect_runs(tmp_path), spec.table), spec.table, "md")
-    groups = [f"{g} / {m}" for g in ("No pre-training", "Pre-training") for m in ("U-Pro", "F-Pro")]
+    metrics = ("U-Pro", "F-Pro", "at the true defect")
+    groups = [f"{g} / {m}" for g in ("No pre-training", "Pre-training") for m in metrics]
     assert list(shown.columns) == ["Num. clients", "B", "E", "IID", *groups]
     assert len(shown) == 28
     assert shown.iloc[0, :4].tolist() == ["1", "8", "10", "–"]
