@@ -136,6 +136,24 @@ def test_a_completed_run_whose_clients_raised_counts_as_failed(tmp_path):
     assert collect_runs(tmp_path)["status"].tolist() == ["failed"]
 
 
+def test_a_cell_killed_after_writing_its_summary_is_rerun(tmp_path):
+    class Killed(BaseException):
+        """What a killed sweep looks like from inside: the runner never returns."""
+
+    def runner(cell, folder, spec, flwr_home):
+        (folder / "summary.json").write_text(json.dumps({"final": {"round": 1}}))  # partial
+        raise Killed
+
+    spec = _spec(centralized=False, grid={"num-clients": [2]})
+    with pytest.raises(Killed):
+        run_sweep(spec, tmp_path, runner=runner, progress=False)
+    assert collect_runs(tmp_path)["status"].tolist() == ["incomplete"]
+    rerun = FakeRunner()
+    [outcome] = run_sweep(spec, tmp_path, runner=rerun, progress=False)
+    assert rerun.ran == [outcome.cell.name] and outcome.status == "done"
+    assert collect_runs(tmp_path)["status"].tolist() == ["done"]
+
+
 def test_a_cell_with_an_invalid_config_fails_without_a_simulation(tmp_path):
     spec = _spec(fixed={"method": "no-such-method"}, centralized=False,
                  grid={"num-clients": [2]})

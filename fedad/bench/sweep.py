@@ -7,8 +7,11 @@ Folder layout of a sweep ``OUT``::
     OUT/cells/<cell>/...           the run's results folder (summary.json when it finished)
     OUT/cells/<cell>/flwr.log      the streamed `flwr run` log
     OUT/cells/<cell>/error.json    status, error and log tail of a failed cell
+    OUT/cells/<cell>/running       present while the cell's run has not returned
 
-A cell whose folder holds summary.json is finished and skipped on a rerun; a failed cell is
+A cell whose folder holds summary.json, and no ``running`` marker, is finished and skipped on a
+rerun (a run killed after writing summary.json, e.g. between D-ADDA's federated stage and its
+accuracy tables, is not finished); a failed cell is
 recorded and retried on the next run; the sweep goes on after a failure. A run that completed
 although a ClientApp raised counts as failed (its rounds trained on fewer sites than asked).
 """
@@ -35,6 +38,7 @@ from fedad.simulation import SimulationRun, run_simulation
 LOG_TAIL_CHARS = 4000
 CLIENT_ERROR_MARKER = "An exception was raised when processing a message"
 CELLS = "cells"
+RUNNING_MARKER = "running"
 
 CellRunner = Callable[[Cell, Path, SweepSpec, Path], SimulationRun]
 """(cell, its results folder, the sweep, FLWR_HOME) -> how its simulation ended."""
@@ -65,8 +69,8 @@ def cell_folder(out: Path, cell: Cell) -> Path:
 
 
 def is_finished(folder: Path) -> bool:
-    """A cell is finished when its run wrote summary.json."""
-    return (folder / "summary.json").is_file()
+    """A cell is finished when its run wrote summary.json and returned (no running marker)."""
+    return (folder / "summary.json").is_file() and not (folder / RUNNING_MARKER).exists()
 
 
 def run_sweep(
@@ -119,6 +123,7 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
         shutil.rmtree(folder)  # a failed or interrupted attempt: start the cell afresh
     folder.mkdir(parents=True)
     _write_json(folder / "cell.json", cell_record(cell))
+    (folder / RUNNING_MARKER).touch()  # removed only when the runner returns, not if killed
     start = time.perf_counter()
     try:
         ExperimentConfig.from_run_config({**cell.run_config, "results-dir": str(folder)})
@@ -126,6 +131,7 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
     except (ConfigError, ValueError, OSError) as err:
         return _failed(cell, folder, "not started", f"{type(err).__name__}: {err}", "",
                        time.perf_counter() - start)
+    (folder / RUNNING_MARKER).unlink()
     (folder / "flwr.log").write_text(run.log)
     if not run.completed:
         return _failed(cell, folder, run.status, f"flwr run ended with status {run.status}",
