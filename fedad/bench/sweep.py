@@ -162,6 +162,7 @@ def first_client_error(log: str) -> str:
 
 def _failed(cell: Cell, folder: Path, status: str, error: str, log: str,
             seconds: float) -> CellOutcome:
+    (folder / RUNNING_MARKER).unlink(missing_ok=True)  # ended, if only by failing to start
     _write_json(folder / "error.json", {"status": status, "error": error,
                                         "log_tail": log[-LOG_TAIL_CHARS:]})
     return CellOutcome(cell, "failed", seconds, error)
