@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from clients.base import SiteClient
 from fedad.attacks import AttackSettings, apply_attack
+from fedad.msvt import protocol
 from fedad.seeding import seed_everything
 from fedad.task import ExtraLoss, arrays_to_model, model_recipe, model_to_arrays
 from fedad.train.contrastive import alignment_loss, embed, normal_prototype
@@ -28,7 +29,7 @@ class ModelClient(SiteClient):
     def train(self, content: RecordDict) -> RecordDict:
         """Load the global model, train locally, reply the new arrays and training metrics."""
         config: ConfigRecord = content["config"]
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get(protocol.SERVER_ROUND, 0))
         seed = self.cfg.seed + 1000 * self.partition_id + server_round
         seed_everything(seed)
         recipe = model_recipe(self.cfg)
@@ -46,30 +47,32 @@ class ModelClient(SiteClient):
     def _extra_loss(self, model: torch.nn.Module, config: ConfigRecord) -> ExtraLoss | None:
         """FedProx's proximal term and CFA's InfoNCE term, as the round's config asks."""
         terms = []
-        mu = float(config.get("proximal-mu", 0.0))
+        mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
         if mu > 0:
             terms.append(_proximal_term(model, mu))
-        weight = float(config.get("cfa-weight", 0.0))
+        weight = float(config.get(protocol.CFA_WEIGHT, 0.0))
         if weight > 0:
-            terms.append(alignment_loss(self._anchors(config), float(config["cfa-tau"]), weight))
+            tau = float(config[protocol.CFA_TAU])
+            terms.append(alignment_loss(self._anchors(config), tau, weight))
         if len(terms) <= 1:
             return terms[0] if terms else None
         return lambda output, labels: sum(term(output, labels) for term in terms)
 
     def _anchors(self, config: ConfigRecord) -> torch.Tensor | None:
         """The other sites' normal prototypes [C, D] broadcast with the config (CFA positives)."""
-        if "cfa-anchors" not in config:
+        if protocol.CFA_ANCHORS not in config:
             return None
-        dim = int(config["cfa-anchor-dim"])
-        anchors = torch.tensor(config["cfa-anchors"], dtype=torch.float32).view(-1, dim)
-        others = torch.tensor([p != self.partition_id for p in config["cfa-anchor-partitions"]])
+        dim = int(config[protocol.CFA_ANCHOR_DIM])
+        anchors = torch.tensor(config[protocol.CFA_ANCHORS], dtype=torch.float32).view(-1, dim)
+        partitions = config[protocol.CFA_ANCHOR_PARTITIONS]
+        others = torch.tensor([p != self.partition_id for p in partitions])
         return anchors[others]
 
     def _statistics(self, model: torch.nn.Module, config: ConfigRecord) -> dict:
         """What ACA / CFA ask for besides the model: q_i on the local val split and the
         site's normal prototype (a single vector), tagged with the partition."""
         stats: dict = {}
-        if config.get("report-validation", False):
+        if config.get(protocol.REPORT_VALIDATION, False):
             samples = self.data.samples(self.partition_id, "val")
             if samples:
                 predictions = model_recipe(self.cfg).predict(model, samples, self.cfg, None)
@@ -77,12 +80,12 @@ class ModelClient(SiteClient):
             else:
                 log.warning("partition %d: no validation split, q_i not reported",
                             self.partition_id)
-        if config.get("send-prototype", False):
+        if config.get(protocol.SEND_PROTOTYPE, False):
             normal = [s for s in self.data.samples(self.partition_id, "train") if s.label == 0]
-            stats["prototype"] = normal_prototype(
+            stats[protocol.PROTOTYPE] = normal_prototype(
                 embed(model, normal, self.cfg.image_size, self.cfg.batch_size)).tolist()
         if stats:
-            stats["partition"] = self.partition_id
+            stats[protocol.PARTITION] = self.partition_id
         return stats
 
     def evaluate(self, content: RecordDict) -> RecordDict:
@@ -110,7 +113,7 @@ def validation_accuracy(predictions: Predictions) -> dict[str, float]:
     method's decision threshold 0.5 on maps and scores in [0, 1]."""
     pixel = ((predictions.maps >= 0.5) == (predictions.masks > 0.5)).mean()
     image = ((predictions.image_scores >= 0.5) == (predictions.labels > 0)).mean()
-    return {"val_pixel_accuracy": float(pixel), "val_image_accuracy": float(image)}
+    return {protocol.VAL_PIXEL_ACCURACY: float(pixel), protocol.VAL_IMAGE_ACCURACY: float(image)}
 
 
 def _proximal_term(model: torch.nn.Module, mu: float):

@@ -8,6 +8,11 @@ never imports another method's dependencies.
   (see :class:`clients.base.SiteClient`).
 - ``recipe``: for methods trained as one model by :func:`fedad.federation.run_federated`, the
   :class:`fedad.task.ModelRecipe` that builds, trains and runs the model.
+- ``actions``: the tuple of the method's custom site actions (``query.<action>`` messages,
+  from its protocol module), which the ClientApp routes besides ``train`` and ``evaluate``.
+
+Adding a method touches its folder under ``fedad/``, its module under ``clients/`` and one
+line here.
 """
 
 from __future__ import annotations
@@ -24,22 +29,21 @@ class MethodEntry:
     server: str
     client: str
     recipe: str = ""
+    actions: str = ""
 
 
 _MODEL_SERVER = "fedad.federation:run_federated"
 _MODEL_CLIENT = "clients.model:ModelClient"
 
 METHODS: dict[str, MethodEntry] = {
-    "msvt": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.supervised:MSVT_RECIPE"),
+    "msvt": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.msvt.training:MSVT_RECIPE"),
     "dadda": MethodEntry("fedad.dadda.workflow:run_dadda", "clients.dadda:DADDASite",
-                         "fedad.dadda.detector:DADDA_RECIPE"),
-    "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.train.reconstruction:MAE_RECIPE"),
-    "memorybank": MethodEntry("fedad.heads.workflow:run_feature_head",
-                              "clients.feature_head:FeatureHeadClient"),
-    "gmm": MethodEntry("fedad.heads.workflow:run_feature_head",
-                       "clients.feature_head:FeatureHeadClient"),
-    "flow": MethodEntry("fedad.heads.workflow:run_feature_head",
-                        "clients.feature_head:FeatureHeadClient"),
+                         "fedad.dadda.detector:DADDA_RECIPE", "fedad.dadda.protocol:QUERY_ACTIONS"),
+    "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.mae.training:MAE_RECIPE"),
+    **{head: MethodEntry("fedad.heads.workflow:run_feature_head",
+                         "clients.feature_head:FeatureHeadClient",
+                         actions="fedad.heads.protocol:QUERY_ACTIONS")
+       for head in ("memorybank", "gmm", "flow")},
 }
 
 
@@ -52,6 +56,12 @@ def resolve(reference: str) -> Any:
     """Import ``"module:attribute"`` and return the attribute."""
     module, _, attribute = reference.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def site_actions() -> tuple[str, ...]:
+    """Every method's custom site actions (what the ClientApp registers), sorted."""
+    return tuple(sorted({action for entry in METHODS.values() if entry.actions
+                         for action in resolve(entry.actions)}))
 
 
 def method_entry(name: str) -> MethodEntry:

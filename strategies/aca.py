@@ -34,12 +34,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedad.msvt import protocol
 from strategies.statistics import StatisticsStrategy, reply_metrics, with_metrics
 
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "aca-weight"
-QUALITY_KEY = "val_pixel_accuracy"
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,17 @@ class ACASettings:
     """Run-config section of ACA (keys ``aca-*``)."""
 
     aca_quality: bool = True
+    """Weigh a site by q_i, its pixel accuracy on its own validation split (eq. 4)."""
     aca_stability: bool = True
+    """Weigh a site by s_i, 1 / variance of its update (eq. 5)."""
     aca_domain: bool = False
+    """Weigh a site by d_i, the cosine of its prototype to the mean one."""
     aca_count_mix: float = 0.0
+    """Share m of sample-count weights mixed in: w <- (1 - m) w + m n_i / sum n."""
     aca_floor: float = 0.0
+    """Minimum weight f of every valid site: w <- (1 - N f) w + f."""
     aca_variance_floor: float = 1e-12
+    """Floor of the update variance in s_i."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.aca_count_mix <= 1.0:
@@ -116,9 +122,9 @@ class AdaptiveClientAggregation(StatisticsStrategy):
         self.global_vector = flatten(arrays)
         extra = dict(config)
         if self.settings.aca_quality:
-            extra["report-validation"] = True
+            extra[protocol.REPORT_VALIDATION] = True
         if self.settings.aca_domain:
-            extra["send-prototype"] = True
+            extra[protocol.SEND_PROTOTYPE] = True
         return self.inner.configure_train(server_round, arrays, ConfigRecord(extra), grid)
 
     def aggregate_train(
@@ -173,14 +179,15 @@ class AdaptiveClientAggregation(StatisticsStrategy):
     def _factors(self, server_round: int, msg: Message) -> dict:
         metrics = reply_metrics(msg)
         node = msg.metadata.src_node_id
-        row = {"round": server_round, "node": node, "partition": int(metrics.get("partition", -1)),
+        row = {"round": server_round, "node": node,
+               "partition": int(metrics.get(protocol.PARTITION, -1)),
                "num_examples": float(metrics.get("num-examples", 0)), "q": 1.0, "s": 1.0,
-               "d": 1.0, "reason": "", "prototype": metrics.get("prototype")}
+               "d": 1.0, "reason": "", "prototype": metrics.get(protocol.PROTOTYPE)}
         if self.settings.aca_quality:
-            q = float(metrics.get(QUALITY_KEY, float("nan")))
+            q = float(metrics.get(protocol.VAL_PIXEL_ACCURACY, float("nan")))
             row["q"] = q
             if not (np.isfinite(q) and q > 0):
-                row["reason"] = f"no valid {QUALITY_KEY} ({q})"
+                row["reason"] = f"no valid {protocol.VAL_PIXEL_ACCURACY} ({q})"
         vector = flatten(next(iter(msg.content.array_records.values())))
         if self.settings.aca_stability:
             reference = self.history.get(node, self.global_vector)

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedad.msvt import protocol
 from strategies.statistics import StatisticsStrategy, reply_metrics
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,9 @@ class CFASettings:
     """Run-config section of CFA: ``cfa-weight`` (lambda) and ``cfa-tau`` (temperature)."""
 
     cfa_weight: float = 0.1
+    """Weight lambda of the InfoNCE alignment term in local training."""
     cfa_tau: float = 0.1
+    """Temperature tau of the InfoNCE term."""
 
     def __post_init__(self) -> None:
         if not self.cfa_weight >= 0:
@@ -53,14 +56,14 @@ class ContrastiveAlignment(StatisticsStrategy):
     def anchor_config(self) -> dict:
         """Training-config entries: lambda, tau, and the anchors [C, D] flattened with their
         partitions (absent before any site has sent a prototype)."""
-        config = {"cfa-weight": self.settings.cfa_weight, "cfa-tau": self.settings.cfa_tau,
-                  "send-prototype": True}
+        config = {protocol.CFA_WEIGHT: self.settings.cfa_weight,
+                  protocol.CFA_TAU: self.settings.cfa_tau, protocol.SEND_PROTOTYPE: True}
         if self.anchors:
             partitions = sorted(self.anchors)
             stacked = np.stack([self.anchors[p] for p in partitions])
-            config.update({"cfa-anchors": stacked.ravel().tolist(),
-                           "cfa-anchor-partitions": partitions,
-                           "cfa-anchor-dim": int(stacked.shape[1])})
+            config.update({protocol.CFA_ANCHORS: stacked.ravel().tolist(),
+                           protocol.CFA_ANCHOR_PARTITIONS: partitions,
+                           protocol.CFA_ANCHOR_DIM: int(stacked.shape[1])})
         return config
 
     def configure_train(
@@ -79,8 +82,8 @@ class ContrastiveAlignment(StatisticsStrategy):
             if msg.has_error():
                 continue
             metrics = reply_metrics(msg)
-            prototype = metrics.get("prototype")
-            if prototype is None or "partition" not in metrics:
+            prototype = metrics.get(protocol.PROTOTYPE)
+            if prototype is None or protocol.PARTITION not in metrics:
                 log.warning("round %d: node %d sent no prototype", server_round,
                             msg.metadata.src_node_id)
                 continue
@@ -89,7 +92,7 @@ class ContrastiveAlignment(StatisticsStrategy):
                 log.warning("round %d: node %d prototype of shape %s refused", server_round,
                             msg.metadata.src_node_id, vector.shape)
                 continue
-            self.anchors[int(metrics["partition"])] = vector
+            self.anchors[int(metrics[protocol.PARTITION])] = vector
         return self.inner.aggregate_train(server_round, self.inward(replies))
 
     def state_dict(self) -> dict:

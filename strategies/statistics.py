@@ -15,7 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-BOOKKEEPING_METRICS = ("partition", "prototype")
+from fedad.msvt import protocol
+
+BOOKKEEPING_METRICS = (protocol.PARTITION, protocol.PROTOTYPE)
 
 
 def reply_metrics(msg: Message) -> MetricRecord:

@@ -10,16 +10,16 @@ from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
 from fedad.experiment import prepare_data
 from fedad.inprocess import run_in_process
-from fedad.models import MaskedAutoencoder, create_model
-from fedad.models.dyt import DyT
-from fedad.models.mae import block_mask
-from fedad.train.reconstruction import (
+from fedad.mae.model import MaskedAutoencoder, block_mask
+from fedad.mae.training import (
     MAE_RECIPE,
     reconstruction_errors,
     split_holdout,
     threshold_f1,
     to_unit_interval,
 )
+from fedad.models import create_model
+from fedad.models.dyt import DyT
 from fedad.train.ssim import ssim
 
 TINY = {"mae-patch-size": 8, "mae-embed-dim": 32, "mae-depth": 1, "mae-heads": 2,

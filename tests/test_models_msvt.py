@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from fedad.models import (
-    MSVT,
-    MSVTOutput,
     create_model,
     list_models,
     load_trainable_state_dict,
     register_model,
     trainable_state_dict,
 )
+from fedad.msvt.model import MSVT, MSVTOutput
 
 SMALL = dict(embed_dims=(32, 48, 64), depths=(1, 1, 1), num_heads=(1, 2, 2), decoder_dim=32,
              proj_dim=16)

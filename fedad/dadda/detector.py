@@ -22,13 +22,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
@@ -38,9 +37,11 @@ from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs
 from fedad.data import AnomalyDataset, Sample, list_categories, scan_category
 from fedad.experiment import resolve_categories, resolve_root
+from fedad.models.anomaly_map import method_sigma, smooth_maps
 from fedad.models.backbones import create_classifier
 from fedad.models.localizer import UNetLocalizer
 from fedad.task import ModelRecipe
+from fedad.train.loop import train_loop
 from fedad.train.losses import focal_loss, soft_dice_loss
 from fedad.train.predictions import Predictions
 
@@ -287,31 +288,21 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
           "lr": cfg.section(DADDASettings).dadda_classifier_lr}],
         lr=cfg.lr, weight_decay=1e-4)
     model.train()
-    totals: dict[str, float] = {}
-    steps = 0
-    for _ in range(cfg.local_epochs):
-        totals, steps = {}, 0
+
+    def batches() -> Iterator[torch.Tensor]:
+        """One epoch's shuffled index batches [B] (BatchNorm needs two images: no batch of 1)."""
         for batch in torch.randperm(len(images), generator=generator).split(cfg.batch_size):
-            if len(batch) < 2:  # BatchNorm needs two images
-                continue
-            output, targets = _training_output(model, images[batch], masks[batch],
-                                               classes[batch], generator)
-            losses = detector_loss(output, masks[batch], targets)
-            if extra_loss is not None:
-                losses["extra_loss"] = extra_loss(output, labels[batch])
-                losses["loss"] = losses["loss"] + losses["extra_loss"]
-            if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"fit_detector: non-finite loss at round {server_round}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.item()
-            steps += 1
-            if cfg.max_train_batches and steps >= cfg.max_train_batches:
-                break
-    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
+            if len(batch) >= 2:
+                yield batch
+
+    def step(batch: torch.Tensor):
+        output, targets = _training_output(model, images[batch], masks[batch], classes[batch],
+                                           generator)
+        return output, labels[batch], detector_loss(output, masks[batch], targets)
+
+    result = train_loop(step, (batches() for _ in range(cfg.local_epochs)), optimizer,
+                        list(model.parameters()), max_batches=cfg.max_train_batches,
+                        extra_loss=extra_loss, name=f"fit_detector (round {server_round})")
     result.update({"num-examples": len(images), "num-synthetic": len(synthetic),
                    "train_seconds": time.perf_counter() - start})
     return result
@@ -334,8 +325,7 @@ def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Exper
     images = torch.stack([item["image"] for item in items])
     model.eval()
     maps = _batched(lambda x: torch.sigmoid(model.localizer(x))[:, 0], images)
-    sigma = 2.0 * cfg.image_size / 128
-    maps = np.stack([gaussian_filter(m, sigma) for m in maps]).astype(np.float32)
+    maps = smooth_maps(maps, method_sigma("dadda", cfg.image_size)).astype(np.float32)
     return Predictions(
         labels=np.array([int(item["label"]) for item in items]),
         defect_classes=np.array([int(item["defect_class"]) for item in items]),

@@ -12,12 +12,12 @@ import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from fedad.dadda.settings import DADDASettings
 from fedad.models.diffusion_unet import DiffusionUNet
+from fedad.train.loop import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def train_diffusion(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     ema = AveragedModel(model, avg_fn=ema_update(settings.dadda_ema), use_buffers=True)
     model.train()
-    losses = []
-    for step in range(iterations):
-        index = torch.randint(len(data), (settings.dadda_diffusion_batch,), generator=generator)
+    losses: list[float] = []
+
+    def step(index: torch.Tensor):
         clean = data[index]
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(settings.dadda_diffusion_steps, (len(index),), generator=generator)
@@ -110,18 +110,18 @@ def train_diffusion(
             kwargs["classes"] = torch.where(drop, model.num_classes, classes[index])
         if masks is not None:
             kwargs["mask"] = masks[index]
-        loss = F.mse_loss(model(noisy, t, **kwargs), noise)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: non-finite loss at iteration {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        return None, None, {"loss": F.mse_loss(model(noisy, t, **kwargs), noise)}
+
+    def after_step(done: int, step_losses: dict[str, torch.Tensor]) -> None:
         ema.update_parameters(model)
-        losses.append(loss.item())
-        if (step + 1) % max(iterations // 5, 1) == 0:
-            log.info("%s: iteration %d/%d loss %.4f", name, step + 1, iterations, losses[-1])
+        losses.append(step_losses["loss"].item())
+        if done % max(iterations // 5, 1) == 0:
+            log.info("%s: iteration %d/%d loss %.4f", name, done, iterations, losses[-1])
+
+    draws = (torch.randint(len(data), (settings.dadda_diffusion_batch,), generator=generator)
+             for _ in range(iterations))  # drawn lazily, before each step's noise
+    train_loop(step, [draws], optimizer, list(model.parameters()), lr_schedule=schedule,
+               after_step=after_step, name=name)
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
     averaged = copy.deepcopy(ema.module).eval()
     return averaged, {"loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}

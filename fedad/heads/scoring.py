@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch.utils.data import DataLoader
 
 from fedad.data import AnomalyDataset, Sample
@@ -28,6 +27,7 @@ from fedad.heads.features import PatchFeatureExtractor
 from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
 from fedad.heads.whitening import Whitening, whiten
+from fedad.models.anomaly_map import smooth_maps
 
 THRESHOLD_STDS = 3.0
 RISE_TOLERANCE = 0.01
@@ -106,8 +106,7 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
     patch_maps = scores.reshape(n, 1, h, w).float()
     maps = F.interpolate(patch_maps, size=(image_size, image_size), mode="bilinear",
                          align_corners=False)[:, 0].numpy()
-    if sigma > 0:
-        maps = np.stack([gaussian_filter(m, sigma) for m in maps])
+    maps = smooth_maps(maps, sigma)
     if not np.isfinite(maps).all():
         raise FloatingPointError(f"{type(head).__name__}: non-finite anomaly maps")
     return less_baseline(maps, baseline)

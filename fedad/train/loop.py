@@ -1,25 +1,52 @@
-"""The local optimisation loop shared by the trainers (supervised MSVT, MAE)."""
+"""The local optimisation loop of every trainer (MSVT, MAE, D-ADDA's detector and diffusion
+models) and the data loader of the image-level trainers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from fedad.data import AnomalyDataset, Sample
 from fedad.task import ExtraLoss
 
-# batch -> (model output, labels [B], losses: scalar tensors with the total under "loss")
-Step = Callable[[dict[str, torch.Tensor]], tuple[Any, torch.Tensor, dict[str, torch.Tensor]]]
+Batch = TypeVar("Batch")
+
+Step = Callable[[Batch], tuple[Any, torch.Tensor | None, dict[str, torch.Tensor]]]
+"""batch -> (model output, labels [B], losses): scalar tensors with the total under ``loss``;
+output and labels are what ``extra_loss`` is called with."""
+
+AfterStep = Callable[[int, dict[str, torch.Tensor]], None]
+"""(steps so far in the epoch, 1-based; the step's losses) -> None, after each optimizer step."""
 
 
-def train_epochs(step: Step, loader: Iterable[dict[str, torch.Tensor]],
-                 optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], *,
-                 epochs: int, max_batches: int = 0, extra_loss: ExtraLoss | None = None,
-                 name: str = "train") -> dict[str, float]:
-    """``epochs`` passes over ``loader``: loss (+ ``extra_loss(output, labels)``), backward,
-    gradient clipping at norm 1, optimizer step.
+def make_loader(
+    samples: Sequence[Sample],
+    image_size: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    defect_types: Sequence[str] | None = None,
+) -> DataLoader:
+    """A single-process loader over ``samples`` (decoded images cached in memory): batches of
+    ``image`` [B, 3, H, W], ``mask`` [B, 1, H, W], ``label`` [B], ``defect_class`` [B]."""
+    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train_loop(step: Step, epochs: Iterable[Iterable[Batch]], optimizer: torch.optim.Optimizer,
+               params: Sequence[nn.Parameter], *, max_batches: int = 0,
+               extra_loss: ExtraLoss | None = None,
+               lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+               after_step: AfterStep | None = None, name: str = "train") -> dict[str, float]:
+    """For each epoch (an iterable of batches, iterated once), for each batch: ``step``'s loss
+    (+ ``extra_loss(output, labels)``), a check that it is finite, backward, gradient clipping
+    of ``params`` at norm 1, optimizer step, then ``lr_schedule.step()`` and ``after_step``.
 
     Args:
         max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
@@ -29,22 +56,27 @@ def train_epochs(step: Step, loader: Iterable[dict[str, torch.Tensor]],
     """
     totals: dict[str, float] = {}
     steps = 0
-    for _ in range(epochs):
+    for batches in epochs:
         totals, steps = {}, 0
-        for batch in loader:
+        for batch in batches:
             output, labels, losses = step(batch)
             if extra_loss is not None:
                 losses["extra_loss"] = extra_loss(output, labels)
                 losses["loss"] = losses["loss"] + losses["extra_loss"]
             if not torch.isfinite(losses["loss"]):
-                raise FloatingPointError(f"{name}: non-finite loss {losses['loss'].item()}")
+                raise FloatingPointError(f"{name}: non-finite loss {losses['loss'].item()} at "
+                                         f"step {steps + 1}")
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            if lr_schedule is not None:
+                lr_schedule.step()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
             steps += 1
+            if after_step is not None:
+                after_step(steps, losses)
             if max_batches and steps >= max_batches:
                 break
     return {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}

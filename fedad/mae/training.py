@@ -7,78 +7,36 @@ their normal images only. After local training each site sets the model's decisi
 the thresholds with the weights.
 
 Anomaly map: per-pixel squared reconstruction error (mean over RGB) of the unmasked image,
-Gaussian-smoothed; image score: the map's maximum. Both are mapped to [0, 1] by
-``e / (e + t)``, which is 0.5 exactly at the calibrated threshold t (fedad's Predictions
-contract) and keeps the order of the raw errors (AUROC and AUPRO are unchanged).
+Gaussian-smoothed (:data:`fedad.models.anomaly_map.METHOD_MAP_SIGMA`); image score: the map's
+maximum. Both are mapped to [0, 1] by ``e / (e + t)``, which is 0.5 exactly at the calibrated
+threshold t (fedad's Predictions contract) and keeps the order of the raw errors (AUROC and
+AUPRO are unchanged).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
-from fedad.models import MAEOutput, create_model
-from fedad.models.dyt import NORM_LAYERS
+from fedad.mae.model import MAEOutput
+from fedad.mae.settings import MAESettings
+from fedad.models import create_model
+from fedad.models.anomaly_map import method_sigma, smooth_maps
 from fedad.task import ExtraLoss, ModelRecipe
-from fedad.train.loop import train_epochs
+from fedad.train.loop import make_loader, train_loop
 from fedad.train.predictions import Predictions
 from fedad.train.ssim import ssim
-from fedad.train.supervised import make_loader
 
 log = logging.getLogger(__name__)
-
-MAP_SMOOTHING_SIGMA = 4.0  # pixels at 128 x 128; scaled with the image size
-
-
-@dataclass(frozen=True)
-class MAESettings:
-    """Run-config keys of ``method=mae`` (kebab-case twins of these fields)."""
-
-    mae_patch_size: int = 8
-    mae_embed_dim: int = 192
-    mae_depth: int = 6
-    mae_heads: int = 3
-    mae_decoder_dim: int = 96
-    mae_decoder_depth: int = 2
-    mae_decoder_heads: int = 3
-    mae_norm: str = "dyt"
-    mae_mask_ratio: float = 0.75
-    mae_pretrain_rounds: int = 3
-    mae_ssim_weight: float = 0.5
-    mae_holdout_fraction: float = 0.2
-    mae_threshold_quantile: float = 0.99
-
-    def __post_init__(self) -> None:
-        if self.mae_norm not in NORM_LAYERS:
-            raise ValueError(f"mae-norm={self.mae_norm!r}: expected one of "
-                             f"{', '.join(NORM_LAYERS)}")
-        if not 0.0 <= self.mae_mask_ratio < 1.0:
-            raise ValueError(f"mae-mask-ratio={self.mae_mask_ratio}: must be in [0, 1)")
-        if self.mae_pretrain_rounds < 0:
-            raise ValueError(f"mae-pretrain-rounds={self.mae_pretrain_rounds}: must be >= 0")
-        if self.mae_ssim_weight < 0:
-            raise ValueError(f"mae-ssim-weight={self.mae_ssim_weight}: must be >= 0")
-        if not 0.0 < self.mae_holdout_fraction < 1.0:
-            raise ValueError(f"mae-holdout-fraction={self.mae_holdout_fraction}: must be in "
-                             "(0, 1)")
-        if not 0.5 <= self.mae_threshold_quantile <= 1.0:
-            raise ValueError(f"mae-threshold-quantile={self.mae_threshold_quantile}: must be "
-                             "in [0.5, 1]")
-        for name in ("patch_size", "embed_dim", "depth", "heads", "decoder_dim",
-                     "decoder_depth", "decoder_heads"):
-            if getattr(self, f"mae_{name}") < 1:
-                raise ValueError(f"mae-{name.replace('_', '-')}={getattr(self, f'mae_{name}')}:"
-                                 " must be >= 1")
 
 
 def build_mae(cfg: ExperimentConfig) -> nn.Module:
@@ -156,8 +114,8 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
         output = model(images, generator=generator)
         return output, torch.zeros(len(images)), reconstruction_loss(output, images, ssim_weight)
 
-    result = train_epochs(step, loader, optimizer, params, epochs=cfg.local_epochs,
-                          max_batches=cfg.max_train_batches, extra_loss=extra_loss, name="mae")
+    result = train_loop(step, itertools.repeat(loader, cfg.local_epochs), optimizer, params,
+                        max_batches=cfg.max_train_batches, extra_loss=extra_loss, name="mae")
     if not holdout:
         log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
     calibrate_thresholds(model, holdout or train, cfg.image_size, s.mae_threshold_quantile)
@@ -182,7 +140,7 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
     if not samples:
         raise ValueError("mae: no samples to reconstruct")
     model.eval()
-    sigma = MAP_SMOOTHING_SIGMA * image_size / 128
+    sigma = method_sigma("mae", image_size)
     loader = make_loader(samples, image_size, batch_size, shuffle=False,
                          defect_types=defect_types)
     parts: dict[str, list[np.ndarray]] = {
@@ -190,7 +148,7 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
     for batch in loader:
         images = batch["image"]
         error = ((model(images).reconstruction - images) ** 2).mean(1).numpy()  # [B, H, W]
-        parts["maps"].append(np.stack([gaussian_filter(e, sigma) for e in error]))
+        parts["maps"].append(smooth_maps(error, sigma))
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())
         parts["masks"].append(batch["mask"][:, 0].numpy())

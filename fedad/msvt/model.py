@@ -7,13 +7,13 @@ uses.
 
 The patch embedding reads either pixels (``backbone="none"``) or the frozen multi-scale features
 of an ImageNet-pretrained backbone (``backbone="lite0"``). That backbone is frozen, stays in eval
-mode and never leaves a site: :func:`trainable_state_dict` is what federated learning exchanges.
+mode and never leaves a site: :func:`fedad.models.state.trainable_state_dict` is what federated
+learning exchanges.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -242,30 +242,3 @@ class MSVT(nn.Module):
 def _upsample_to(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Bilinear resize of x [B, C, h, w] to reference's spatial size."""
     return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def trainable_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The state federated learning exchanges: every parameter and buffer outside the frozen
-    pretrained modules named by ``model.frozen_prefixes`` (which never leave a site)."""
-    frozen = tuple(getattr(model, "frozen_prefixes", ()))
-    return OrderedDict(
-        (k, v) for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))
-    )
-
-
-def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load :func:`trainable_state_dict` output into ``model``, strictly.
-
-    Raises:
-        ValueError: a missing or unexpected key, or a wrong shape (all listed).
-    """
-    expected = trainable_state_dict(model)
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
-    ]
-    if problems:
-        raise ValueError(f"state does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=False)

@@ -1,4 +1,5 @@
-"""Local training and inference of supervised anomaly-segmentation models (MSVT).
+"""Local training and inference of MSVT, a supervised anomaly-segmentation model (method
+``msvt``).
 
 A model maps images [B, 3, H, W] in [0, 1] to an output with ``anomaly_logits`` [B, 1, H, W],
 ``image_logit`` [B] and ``embedding`` [B, D]. Training sees normal images, synthetic anomalies
@@ -7,6 +8,7 @@ made on the fly from them, and the real defects that the MVTec protocol lets a s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -14,37 +16,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedad.config import ExperimentConfig
-from fedad.data import AnomalyDataset, Sample
-from fedad.models import MSVTOutput, create_model
+from fedad.data import Sample
+from fedad.models import create_model
+from fedad.models.anomaly_map import method_sigma, smooth_maps
+from fedad.msvt.model import MSVTOutput
 from fedad.task import ModelRecipe
-from fedad.train.loop import train_epochs
+from fedad.train.loop import make_loader, train_loop
 from fedad.train.losses import focal_loss, soft_dice_loss
 from fedad.train.predictions import Predictions
 from fedad.train.synthetic_anomalies import AnomalySynthesizer
 
 log = logging.getLogger(__name__)
-
-MAP_SMOOTHING_SIGMA = 2.0  # pixels at 128x128; scaled with image size
-
-
-def make_loader(
-    samples: Sequence[Sample],
-    image_size: int,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    defect_types: Sequence[str] | None = None,
-) -> DataLoader:
-    """A single-process loader over ``samples`` (decoded images cached in memory)."""
-    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def segmentation_loss(
@@ -101,8 +86,8 @@ def train_local(
         output = model(images)
         return output, labels, segmentation_loss(output, masks, labels)
 
-    result = train_epochs(step, loader, optimizer, params, epochs=epochs,
-                          max_batches=max_batches, extra_loss=extra_loss, name="train_local")
+    result = train_loop(step, itertools.repeat(loader, epochs), optimizer, params,
+                        max_batches=max_batches, extra_loss=extra_loss, name="train_local")
     result["num-examples"] = len(samples)
     result["train_seconds"] = time.perf_counter() - start
     return result
@@ -129,17 +114,18 @@ def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
             defect_types: Sequence[str] | None = None, batch_size: int = 32) -> Predictions:
     """Anomaly maps and image scores of ``model`` on ``samples``.
 
-    Maps are sigmoid probabilities smoothed by a Gaussian (sigma scaled with image size);
+    Maps are sigmoid probabilities smoothed by a Gaussian (``msvt``'s sigma, see
+    :mod:`fedad.models.anomaly_map`);
     the image score is the mean of the image head's probability and the map's maximum.
     """
     model.eval()
     loader = make_loader(samples, image_size, batch_size, shuffle=False, defect_types=defect_types)
-    sigma = MAP_SMOOTHING_SIGMA * image_size / 128
+    sigma = method_sigma("msvt", image_size)
     parts: defaultdict[str, list[np.ndarray]] = defaultdict(list)
     for batch in loader:
         output = model(batch["image"])
         maps = torch.sigmoid(output.anomaly_logits)[:, 0].numpy()
-        maps = np.stack([gaussian_filter(m, sigma) for m in maps])
+        maps = smooth_maps(maps, sigma)
         head = torch.sigmoid(output.image_logit).numpy()
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())

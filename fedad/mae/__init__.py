@@ -1,0 +1,1 @@
+"""Method ``mae``: a masked autoencoder whose reconstruction error is the anomaly map."""

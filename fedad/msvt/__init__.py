@@ -1,0 +1,1 @@
+"""Method ``msvt`` (Fed-MSVT): a multi-scale vision transformer trained on synthetic defects."""
