@@ -6,13 +6,13 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients import ACTIONS, create_client
+from clients import create_client
 from fedad.config import ExperimentConfig
 from fedad.deploy import local_site_data
-from fedad.methods import method_entry, resolve
-from fedad.privacy import client_clipping_mod
+from fedad.methods import method_entry, resolve, site_actions
+from fedad.privacy import CLIENT_MODS
 
-app = ClientApp(mods=[client_clipping_mod])
+app = ClientApp(mods=list(CLIENT_MODS))
 
 
 def _reply(msg: Message, context: Context) -> Message:
@@ -34,8 +34,7 @@ def _reply(msg: Message, context: Context) -> Message:
     return Message(client.handle(msg.metadata.message_type, msg.content), reply_to=msg)
 
 
-for _category, _actions in ACTIONS.items():
-    _register = getattr(app, _category)
+for _register in (app.train, app.evaluate, app.query):
     _register()(_reply)
-    for _action in _actions:
-        _register(_action)(_reply)
+for _action in site_actions():
+    app.query(_action)(_reply)

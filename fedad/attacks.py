@@ -21,8 +21,11 @@ class AttackSettings:
     """Which sites misbehave and how (see the module docstring)."""
 
     attack: str = "none"
+    """Byzantine attack of the malicious sites: none, scale or sign-flip."""
     attack_scale: float = 10.0
+    """Size of the factor the honest update is multiplied by."""
     malicious_partitions: str = ""
+    """Comma-separated partition ids of the malicious sites, e.g. "0,3"."""
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:

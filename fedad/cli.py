@@ -134,6 +134,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from fedad.config_reference import render_reference
+
+    sys.stdout.write(render_reference())
+    return 0
+
+
 def _deploy_errors(handler):
     """Report a DeployError (bad argument or file) as one line and exit status 1."""
 
@@ -265,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "of a sweep folder")
     report.add_argument("dir")
     report.set_defaults(func=_report)
+
+    config = sub.add_parser("config", help="run-config keys").add_subparsers(
+        dest="config_command", required=True)
+    config.add_parser("reference", help="print the Markdown reference of every run-config key "
+                      "(docs/config.md)").set_defaults(func=_config_reference)
 
     deploy = sub.add_parser("deploy", help="multi-site deployment: TLS certificates, node "
                             "keys, connection, registration").add_subparsers(

@@ -1,8 +1,9 @@
 """An in-process Grid: the real server workflow and the real site logic, without Ray or
 network, for fast deterministic benchmarks and tests.
 
-Every message goes to ``create_client(...).handle(...)`` in this process, exactly what the
-ClientApp does in a simulation or deployment; only the transport differs. Results of a
+Every message goes through the ClientApp's mods (:data:`fedad.privacy.CLIENT_MODS`) to
+``create_client(...).handle(...)`` in this process, exactly what the ClientApp does in a
+simulation or deployment; only the transport differs. Results of a
 `flwr run` simulation and of this grid agree up to floating-point order (the guard aggregates
 replies in content order either way).
 """
@@ -13,13 +14,15 @@ import logging
 import traceback
 from collections.abc import Iterable
 
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.client.mod.utils import make_ffn
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import create_client
 from fedad.config import ExperimentConfig
 from fedad.methods import method_entry, resolve
+from fedad.privacy import CLIENT_MODS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,11 @@ class InProcessGrid(Grid):
     def __init__(self, cfg: ExperimentConfig, num_sites: int) -> None:
         self.cfg = cfg
         self.partitions = {FIRST_NODE_ID + i: i for i in range(num_sites)}
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=cfg.to_dict(),
+                          node_config={"partition-id": p, "num-partitions": num_sites})
+            for node, p in self.partitions.items()}
+        self._call = make_ffn(self._site_reply, list(CLIENT_MODS))
         self._run = None
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -73,13 +81,19 @@ class InProcessGrid(Grid):
         return [self._answer(msg) for msg in messages]
 
     def _answer(self, msg: Message) -> Message:
-        partition = self.partitions[msg.metadata.dst_node_id]
+        node = msg.metadata.dst_node_id
+        partition = self.partitions[node]
         try:
-            client = create_client(self.cfg, partition, len(self.partitions))
-            return Message(client.handle(msg.metadata.message_type, msg.content), reply_to=msg)
+            return self._call(msg, self.contexts[node])
         except Exception as err:  # the site's failure becomes its reply, as in Flower
             log.error("partition %d failed: %s", partition, traceback.format_exc(limit=3))
             return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+    def _site_reply(self, msg: Message, context: Context) -> Message:
+        """The site's reply to ``msg``, inside the mods (what the ClientApp's handler does)."""
+        client = create_client(self.cfg, int(context.node_config["partition-id"]),
+                               int(context.node_config["num-partitions"]))
+        return Message(client.handle(msg.metadata.message_type, msg.content), reply_to=msg)
 
 
 def run_in_process(cfg: ExperimentConfig, num_sites: int) -> dict:

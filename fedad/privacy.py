@@ -45,19 +45,24 @@ MECHANISMS = ("none", "server-fixed", "server-adaptive", "client-fixed", "client
 
 @dataclass(frozen=True)
 class DPSettings:
-    """Run-config keys ``dp``, ``dp-noise-multiplier``, ``dp-clipping-norm`` (the fixed norm,
-    or the initial one of adaptive clipping), ``dp-target-quantile`` and ``dp-clip-norm-lr``
-    (adaptive clipping: the norm tracks that quantile of the update norms, so 0.5 clips about
-    half of the updates), ``dp-num-sampled-clients`` (0: ``min-train-nodes``) and ``dp-delta``
-    (the delta at which epsilon is reported)."""
+    """Run-config section of differential privacy (keys ``dp``, ``dp-*``; see the module
+    docstring). With adaptive clipping the norm tracks the ``dp-target-quantile`` of the update
+    norms, so 0.5 clips about half of the updates."""
 
     dp: str = "none"
+    """Differential privacy: none, server-fixed, server-adaptive, client-fixed, client-adaptive."""
     dp_noise_multiplier: float = 1.0
+    """Noise standard deviation over the clipping norm."""
     dp_clipping_norm: float = 1.0
+    """The fixed clipping norm, or the initial one of adaptive clipping."""
     dp_target_quantile: float = 0.5
+    """Adaptive clipping: the quantile of update norms the norm tracks."""
     dp_clip_norm_lr: float = 0.2
+    """Adaptive clipping: learning rate of the norm's geometric update."""
     dp_num_sampled_clients: int = 0
+    """Sites per round the noise is calibrated for (0: min-train-nodes)."""
     dp_delta: float = 1e-5
+    """The delta at which epsilon is reported."""
 
     def __post_init__(self) -> None:
         if self.dp not in MECHANISMS:
@@ -174,3 +179,8 @@ def client_clipping_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     mod = fixedclipping_mod if settings.dp == "client-fixed" else adaptiveclipping_mod
     return mod(msg, context, call_next)
+
+
+CLIENT_MODS = (client_clipping_mod,)
+"""The mods every site applies, in order: the ClientApp's ``mods`` and those of
+:class:`fedad.inprocess.InProcessGrid`."""

@@ -26,33 +26,60 @@ CLASSIFIER_INPUTS = ("windows", "image")
 class DADDASettings:
     """Settings of D-ADDA's generative stages and detector; key = field name in kebab case."""
 
-    dadda_synthesis: str = "dadda"  # dadda: diffusion pairs | dam-only: DAM pairs (Table II)
-    dadda_diffusion_size: int = 32  # side of the diffusion models' images (paper 128)
-    dadda_unet_channels: int = 32  # U-Net base channels
-    dadda_unet_levels: int = 3  # resolution levels; channels x (1, 2, 2, 2, ...)
-    dadda_attention_heads: int = 4  # paper: 4
-    dadda_head_dim: int = 32  # paper: d_h = 32
-    dadda_diffusion_steps: int = 200  # training timesteps T (paper 1000)
-    dadda_train_iterations: int = 2000  # stage 2, per model (paper 30 000)
-    dadda_finetune_iterations: int = 200  # stage 3 fine-tuning of G^I on each site
-    dadda_warmup: int = 50  # linear learning-rate warm-up iterations (paper 5000)
-    dadda_diffusion_lr: float = 5e-4  # Adam (paper 1e-4 over 30 000 iterations)
+    dadda_synthesis: str = "dadda"
+    """dadda: diffusion pairs; dam-only: DAM pairs only (Table II)."""
+    dadda_diffusion_size: int = 32
+    """Side of the diffusion models' images (paper 128)."""
+    dadda_unet_channels: int = 32
+    """U-Net base channels."""
+    dadda_unet_levels: int = 3
+    """U-Net resolution levels; channels x (1, 2, 2, 2, ...)."""
+    dadda_attention_heads: int = 4
+    """Attention heads of the U-Net (paper 4)."""
+    dadda_head_dim: int = 32
+    """Attention head dimension d_h (paper 32)."""
+    dadda_diffusion_steps: int = 200
+    """Diffusion training timesteps T (paper 1000)."""
+    dadda_train_iterations: int = 2000
+    """Stage-2 training iterations per model (paper 30 000)."""
+    dadda_finetune_iterations: int = 200
+    """Stage-3 fine-tuning iterations of G^I on each site."""
+    dadda_warmup: int = 50
+    """Linear learning-rate warm-up iterations (paper 5000)."""
+    dadda_diffusion_lr: float = 5e-4
+    """Adam learning rate of the diffusion models (paper 1e-4)."""
     dadda_diffusion_batch: int = 8
-    dadda_ema: float = 0.995  # EMA decay of the diffusion weights (paper)
-    dadda_class_dropout: float = 0.1  # classifier-free guidance: label dropped in training
-    dadda_guidance: float = 2.0  # classifier-free guidance scale w (1 = conditional only)
-    dadda_sampler: str = "ddim"  # ddim (fast) | ddpm (ancestral, all T steps)
-    dadda_sample_steps: int = 25  # DDIM steps
-    dadda_dam_per_class: int = 16  # DAM pairs per defect class on each site (paper 500)
-    dadda_synth_per_class: int = 16  # diffusion pairs per defect class on each site (paper 500)
-    dadda_classifier: str = "resnet10t"  # timm name (from scratch) or lite0/1/2 (pre-trained)
-    dadda_classifier_input: str = "windows"  # windows (+ a no-defect class) | image (paper)
-    dadda_window_fraction: float = 0.25  # side of a classifier window / side of the image
-    dadda_window_stride: float = 0.125  # distance of scanned windows / side of the image
-    dadda_classifier_lr: float = 3e-4  # AdamW lr of the classifier (the localizer's is lr)
-    dadda_localizer_channels: int = 16  # base channels of the U-Net localizer
-    dadda_cache_dir: str = ""  # site cache of synthetic pairs; empty: ~/.cache/fedad/dadda
-    dadda_reuse_cache: bool = True  # skip stages 1-3 when every site holds pairs for them
+    """Batch size of diffusion training."""
+    dadda_ema: float = 0.995
+    """EMA decay of the diffusion weights (paper)."""
+    dadda_class_dropout: float = 0.1
+    """Classifier-free guidance: share of training labels dropped."""
+    dadda_guidance: float = 2.0
+    """Classifier-free guidance scale w (1: conditional only)."""
+    dadda_sampler: str = "ddim"
+    """Sampler: ddim (fast) or ddpm (ancestral, all T steps)."""
+    dadda_sample_steps: int = 25
+    """DDIM sampling steps."""
+    dadda_dam_per_class: int = 16
+    """DAM pairs per defect class on each site (paper 500)."""
+    dadda_synth_per_class: int = 16
+    """Diffusion pairs per defect class on each site (paper 500)."""
+    dadda_classifier: str = "resnet10t"
+    """Classifier: a timm name (from scratch) or lite0/1/2 (pre-trained)."""
+    dadda_classifier_input: str = "windows"
+    """windows (plus a no-defect class) or image (paper)."""
+    dadda_window_fraction: float = 0.25
+    """Side of a classifier window over the side of the image."""
+    dadda_window_stride: float = 0.125
+    """Distance of scanned windows over the side of the image."""
+    dadda_classifier_lr: float = 3e-4
+    """AdamW learning rate of the classifier (the localizer's is lr)."""
+    dadda_localizer_channels: int = 16
+    """Base channels of the U-Net localizer."""
+    dadda_cache_dir: str = ""
+    """Site cache of synthetic pairs; empty: ~/.cache/fedad/dadda."""
+    dadda_reuse_cache: bool = True
+    """Skip stages 1-3 when every site holds pairs for them."""
 
     def __post_init__(self) -> None:
         if self.dadda_synthesis not in SYNTHESIS:
@@ -109,9 +136,3 @@ class DADDASettings:
                 "base_channels": self.dadda_unet_channels, "channel_mults": self.channel_mults,
                 "heads": self.dadda_attention_heads, "head_dim": self.dadda_head_dim,
                 "num_classes": num_classes, "mask_conditioning": mask_conditioning}
-
-
-DADDA_KEYS: dict[str, object] = {
-    f.name.replace("_", "-"): f.default for f in DADDASettings.__dataclass_fields__.values()
-}
-"""Every ``dadda-*`` run-config key with its default (pyproject.toml declares the same)."""

@@ -38,23 +38,38 @@ class DAMSettings:
     64 px, 6309 at 128, 3189 at 256; scaling both by side/128 gives 2609 and 208).
     """
 
-    dam_p_texture_low: float = 0.35  # p1 for textures (paper)
-    dam_p_texture_high: float = 0.65  # p2 for textures (paper)
-    dam_p_object_low: float = 0.65  # p1 for objects (paper)
-    dam_p_object_high: float = 0.85  # p2 for objects (paper)
-    dam_quality_tries: int = 100  # eq. (4) tries; the last try is kept after that (paper)
-    dam_quality_leave_out: bool = True  # leave base/source images out of eq. (4) (quality.py)
-    dam_growth_rings: int = 1  # rings of adjacent superpixels added to the defective ones
-    dam_smooth_sigma: float = 1.5  # Gaussian sigma (px at 128) of the new mask's smoothing
-    dam_align_crop: float = 0.5  # side of the defective image's centre crop, fraction of side
-    dam_texture_shift: float = 0.5  # largest random x/y shift for textures, fraction of side
-    dam_histogram_match: bool = True  # match the defect image's histogram to the normal's
+    dam_p_texture_low: float = 0.35
+    """p1 of the mask fraction for textures (paper)."""
+    dam_p_texture_high: float = 0.65
+    """p2 of the mask fraction for textures (paper)."""
+    dam_p_object_low: float = 0.65
+    """p1 of the mask fraction for objects (paper)."""
+    dam_p_object_high: float = 0.85
+    """p2 of the mask fraction for objects (paper)."""
+    dam_quality_tries: int = 100
+    """Tries of the quality check eq. (4); the last try is kept after that."""
+    dam_quality_leave_out: bool = True
+    """Leave base and source images out of eq. (4) (quality.py)."""
+    dam_growth_rings: int = 1
+    """Rings of adjacent superpixels added to the defective ones."""
+    dam_smooth_sigma: float = 1.5
+    """Gaussian sigma (pixels at 128) of the new mask's smoothing."""
+    dam_align_crop: float = 0.5
+    """Side of the defective image's centre crop, fraction of the side."""
+    dam_texture_shift: float = 0.5
+    """Largest random x/y shift for textures, fraction of the side."""
+    dam_histogram_match: bool = True
+    """Match the defect image's histogram to the normal image's."""
     # quickshift: skimage's defaults (5, 10) give 20-80 segments at 128 px, each about as large
     # as a defect, so one ring of growth covers a fifth of the image; (2, 4) gives ~1-6k.
     dam_quickshift_kernel_size: float = 2.0
+    """Quickshift kernel size (skimage default 5 gives too few segments)."""
     dam_quickshift_max_dist: float = 4.0
+    """Quickshift max_dist (skimage default 10)."""
     dam_quickshift_ratio: float = 1.0
-    dam_category_kinds: str = ""  # overrides, e.g. "my_part=object,my_cloth=texture"
+    """Quickshift colour/space ratio."""
+    dam_category_kinds: str = ""
+    """Kind overrides, e.g. "my_part=object,my_cloth=texture"."""
 
     def __post_init__(self) -> None:
         for kind in KINDS:

@@ -29,30 +29,54 @@ COVARIANCES = ("full", "diag")
 class HeadSettings:
     """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
 
-    feature_source: str = "lite0"  # lite0 | lite1 | lite2 | any timm name | msvt
-    feature_layers: str = "1,2,3"  # timm out_indices, Lite0 strides 4/8/16 (MSVT: stages)
+    feature_source: str = "lite0"
+    """Feature backbone: lite0, lite1, lite2, any timm name, or msvt."""
+    feature_layers: str = "1,2,3"
+    """timm out_indices, Lite0 strides 4/8/16 (msvt: its stages)."""
     feature_neighbourhood: int = 3
-    feature_padding: int = 32  # reflect padding of the image, pixels (fedad.heads.features)
-    feature_scales: str = "3"  # image resize factors seen by the backbone, e.g. "1,2"
-    feature_photometric: str = "grey-world"  # per-image normalisation (fedad.heads.features)
-    feature_centring: bool = False  # subtract each image's mean patch feature (features.py)
-    feature_checkpoint: str = ""  # timm state dict, or an MSVT checkpoint for msvt
-    feature_whitening: bool = True  # federated whitening of patch features (fedad.heads.whitening)
-    max_patches: int = 20000  # patches per site used to fit a head (seeded subsample)
+    """Side of the patch neighbourhood averaged into each feature."""
+    feature_padding: int = 32
+    """Reflect padding of the image, pixels (fedad.heads.features)."""
+    feature_scales: str = "3"
+    """Image resize factors seen by the backbone, e.g. "1,2"."""
+    feature_photometric: str = "grey-world"
+    """Per-image photometric normalisation (fedad.heads.features)."""
+    feature_centring: bool = False
+    """Subtract each image's mean patch feature (fedad.heads.features)."""
+    feature_checkpoint: str = ""
+    """timm state dict, or an MSVT checkpoint for feature-source=msvt."""
+    feature_whitening: bool = True
+    """Federated whitening of patch features (fedad.heads.whitening)."""
+    max_patches: int = 20000
+    """Patches per site used to fit a head (seeded subsample)."""
     bank_clustering: str = "sinkhorn"
-    num_prototypes: int = 300  # NexViTAD: 30; chosen on the validation split (BENCHMARKS.md)
-    sinkhorn_epsilon: float = 0.05  # relative to the median cost gap (clustering.relative_cost)
+    """How the memory bank is reduced to prototypes: sinkhorn, kmeans or coreset."""
+    num_prototypes: int = 300
+    """Memory-bank prototypes K (NexViTAD: 30; chosen on a validation split)."""
+    sinkhorn_epsilon: float = 0.05
+    """Sinkhorn entropy, relative to the median cost gap (relative_cost)."""
     gmm_components: int = 5
+    """Components of the Gaussian mixture head."""
     gmm_covariance: str = "full"
+    """Covariance of the Gaussian mixture: full or diag."""
     flow_blocks: int = 4
+    """Coupling blocks of the normalising-flow head."""
     flow_hidden: int = 256
+    """Hidden units of each coupling block."""
     flow_epochs: int = 10
+    """Training epochs of the flow head."""
     flow_lr: float = 1e-3
-    map_sigma: float = 2.0  # Gaussian smoothing of the upsampled map, pixels
-    map_baseline: bool = True  # subtract normal maps' border artefact (fedad.heads.scoring)
+    """Learning rate of the flow head."""
+    map_sigma: float = 2.0
+    """Gaussian smoothing of the upsampled anomaly map, pixels."""
+    map_baseline: bool = True
+    """Subtract the normal maps' border artefact (fedad.heads.scoring)."""
     image_score: str = "max"
+    """Image score from the map: max or topk (mean of the top pixels)."""
     topk_fraction: float = 0.01
-    target_category: str = ""  # by-category: evaluate here, fit on the other categories only
+    """Share of the map's pixels averaged by image-score=topk."""
+    target_category: str = ""
+    """by-category: evaluate on it, fit on the other categories only."""
 
     def __post_init__(self) -> None:
         checks = {
