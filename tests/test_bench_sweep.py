@@ -1,5 +1,6 @@
 """`fedad bench`: a 2-cell sweep of real Flower simulations (a federated cell and the
-centralized reference) that is interrupted after its first cell and resumed."""
+centralized reference) that is interrupted after its first cell and resumed, and the same
+2-cell sweep with ``runner: in-process``."""
 
 import json
 
@@ -9,6 +10,9 @@ import yaml
 
 from fedad.bench import load_spec, run_sweep
 from fedad.bench.report import sweep_report
+from fedad.bench.spec import app_config_keys, parse_spec
+from fedad.bench.sweep import is_finished
+from fedad.bench.tables import collect_runs
 from fedad.cli import main
 from fedad.data import generate_dataset
 from fedad.simulation import stop_local_superlink
@@ -78,3 +82,30 @@ def test_report_cli_rebuilds_the_sweep_tables(sweep, capsys):
     (out / "table.md").unlink(missing_ok=True)  # written by the sweep tables test, if run
     assert main(["report", str(out)]) == 0
     assert (out / "table.md").is_file() and "| centralized" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_in_process_runner_writes_the_same_finished_cells(tmp_path):
+    data = generate_dataset(tmp_path / "mvtec", categories=["washer"], image_size=32,
+                            num_train=8, num_test_good=3, num_test_per_defect=2)
+    spec = parse_spec({
+        "runner": "in-process",
+        "fixed": {"data-path": str(data), "category": "washer", "image-size": 32,
+                  "backbone": "none", "num-server-rounds": 1, "local-epochs": 1,
+                  "max-train-batches": 1, "batch-size": 4, "plot-every-round": False},
+        "grid": {"strategy": ["fedavg"], "num-clients": [2], "seed": [0]},
+        "centralized": True, "table": {"rows": ["strategy"], "metrics": ["image_auroc"]},
+        "cell-timeout": 300,
+    }, "tiny.yaml", app_config_keys())
+    out = tmp_path / "out"
+    outcomes = run_sweep(spec, out, progress=False)
+    assert [(o.cell.kind, o.status) for o in outcomes] == [("centralized", "done"),
+                                                            ("federated", "done")]
+    for outcome, clients in zip(outcomes, (1, 2), strict=True):
+        folder = out / "cells" / outcome.cell.name
+        assert is_finished(folder) and (folder / "cell.json").is_file()
+        assert (folder / "rounds.csv").is_file() and (folder / "flwr.log").is_file()
+        assert json.loads((folder / "summary.json").read_text())["num_clients"] == clients
+    assert not (out / ".flwr-home").exists()  # no SuperLink, no Flower home
+    assert [o.status for o in run_sweep(spec, out, progress=False)] == ["skipped"] * 2
+    assert collect_runs(out, spec.cells())["status"].tolist() == ["done", "done"]

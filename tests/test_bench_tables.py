@@ -8,11 +8,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedad.bench import SweepError, load_spec, run_sweep
 from fedad.bench.report import sweep_report
 from fedad.bench.spec import app_config_keys, parse_spec
-from fedad.bench.tables import collect_runs, display_table, summarize
+from fedad.bench.sweep import (
+    RUNNERS,
+    first_client_error,
+    in_process_cell,
+    is_finished,
+    simulate_cell,
+)
+from fedad.bench.tables import collect_runs, display_table, summarize, write_tables
+from fedad.config import ExperimentConfig
+from fedad.privacy import privacy_epsilon
 from fedad.simulation import SimulationRun
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -221,3 +231,162 @@ def test_sweep_report_writes_tables_and_plots(tmp_path):
                   "q": [0.9, 0.8], "s": [1.0, 2.0]}).to_csv(cell / "aggregation_weights.csv",
                                                              index=False)
     assert "aggregation_weights.png" in {p.name for p in sweep_report(tmp_path)}  # sweep.yaml
+
+
+@pytest.mark.parametrize("marker", ["running", "error.json"])
+def test_a_cell_with_a_summary_and_a_running_marker_or_an_error_is_rerun(tmp_path, marker):
+    spec = _spec(centralized=False, grid={"num-clients": [2]})
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    [cell] = spec.cells()
+    folder = tmp_path / "cells" / cell.name
+    (folder / marker).write_text(json.dumps({"status": "killed", "error": "killed"}))
+    assert (folder / "summary.json").is_file() and not is_finished(folder)
+    assert collect_runs(tmp_path)["status"].tolist() == [
+        "incomplete" if marker == "running" else "failed"]
+    rerun = FakeRunner()
+    [outcome] = run_sweep(spec, tmp_path, runner=rerun, progress=False)
+    assert rerun.ran == [cell.name] and outcome.status == "done" and is_finished(folder)
+    assert not (folder / marker).exists()
+
+
+def test_the_runner_key_picks_how_cells_run():
+    assert _spec().runner == "flwr" and RUNNERS["flwr"] is simulate_cell
+    spec = _spec(runner="in-process")
+    assert spec.runner == "in-process" and RUNNERS["in-process"] is in_process_cell
+    assert parse_spec(spec.to_dict(), "again.yaml", KEYS) == dataclasses.replace(
+        spec, source="again.yaml")
+    with pytest.raises(SweepError, match="runner='ray'"):
+        _spec(runner="ray")
+
+
+@pytest.mark.parametrize(("name", "runner", "cells", "centralized"), [
+    ("byzantine", "in-process", 18, 0),       # (FedAvg clean + 5 attacked) x 3 seeds
+    ("dp", "in-process", 21, 0),              # (no DP + 4 at C=1 + 2 at C=10) x 3 seeds
+    ("fed_msvt", "in-process", 48, 3),        # (5 strategies x 3 partitioners + 1) x 3 seeds
+    ("mae", "in-process", 18, 12),            # 6 categories x (DyT, LayerNorm central + DyT fed)
+    ("msvt_categories", "flwr", 6, 0),
+    ("dadda_table2", "in-process", 16, 0),    # 4 categories x 2 syntheses x 2 seeds
+])
+def test_the_sweep_files_of_the_former_bench_scripts_expand_to_valid_cells(
+        name, runner, cells, centralized):
+    spec = load_spec(PROJECT_ROOT / "configs" / f"{name}.yaml")
+    expanded = spec.cells()
+    assert spec.runner == runner and len(expanded) == cells
+    assert sum(c.kind == "centralized" for c in expanded) == centralized
+    for cell in expanded:
+        assert set(cell.run_config) <= KEYS, set(cell.run_config) - KEYS
+        cfg = ExperimentConfig.from_run_config({**cell.run_config, "results-dir": "/tmp/x"})
+        assert cfg.min_train_nodes == cell.num_clients
+
+
+def _checkpoints(folder: Path, *values: float) -> None:
+    """Checkpoints of a 2-parameter global model, one per round, with the given first value."""
+    (folder / "checkpoints").mkdir()
+    for i, value in enumerate(values, 1):
+        torch.save({"state_dict": {"w": torch.tensor([value, 0.0]), "steps": torch.tensor(3)}},
+                   folder / "checkpoints" / f"round-{i:03d}.pt")
+
+
+def test_byzantine_report_measures_the_model_distance_to_the_clean_run(tmp_path):
+    spec = load_spec(PROJECT_ROOT / "configs" / "byzantine.yaml")
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    for cell in spec.cells():  # the clean run steps 2 -> 3; the attacked ones end elsewhere
+        attacked = cell.run_config["attack"] != "none"
+        _checkpoints(tmp_path / "cells" / cell.name, 2.0, 3.0 + 2 * attacked
+                     + 4 * (cell.run_config["strategy"] == "fedavg" and attacked))
+    runs = collect_runs(tmp_path, spec.cells(), spec.table)
+    distance = runs.set_index(["strategy", "attack"])["model_distance"]
+    assert (distance.loc[("fedavg", "none")] == 0).all()
+    assert (distance.loc[("fedavg", "sign-flip")] == 6).all()
+    assert (distance.loc[("krum", "sign-flip")] == 2).all()
+    shown = display_table(summarize(runs, spec.table), spec.table, "md")
+    assert list(shown.columns) == ["strategy", "attack", "image_auroc", "seconds",
+                                   "model_distance"]  # the fake runs have no pixel metrics
+    bold = shown[shown["model_distance"].str.startswith("**")]
+    assert len(bold) == 1 and bold["attack"].item() == "none"  # lower is better
+
+
+def test_dp_report_has_an_epsilon_row_key(tmp_path):
+    spec = load_spec(PROJECT_ROOT / "configs" / "dp.yaml")
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    for cell in spec.cells():
+        _checkpoints(tmp_path / "cells" / cell.name, 1.0, 2.0)
+    summary = summarize(collect_runs(tmp_path, spec.cells(), spec.table), spec.table)
+    shown = display_table(summary, spec.table, "md")
+    assert list(shown.columns)[:4] == ["dp", "C", "z", "epsilon"] and len(shown) == 7
+    epsilon = dict(zip(shown["z"] + "@" + shown["C"], shown["epsilon"], strict=True))
+    assert epsilon["0.0@1.0"] == epsilon["0.0@10.0"] == "inf"
+    expected = privacy_epsilon(1.0, 3, 1e-5)
+    assert float(epsilon["1.0@1.0"]) == pytest.approx(expected, rel=1e-2)
+    assert float(epsilon["0.1@1.0"]) > float(epsilon["0.3@1.0"]) > float(epsilon["1.0@1.0"])
+    assert (summary["model_distance_mean"] == 0).all()  # every cell ends where the reference does
+
+
+def test_dadda_table2_report_has_the_layout_of_the_paper(tmp_path):
+    spec = load_spec(PROJECT_ROOT / "configs" / "dadda_table2.yaml")
+    spec = dataclasses.replace(spec, fixed={**spec.fixed, "method": "msvt"})
+    run_sweep(spec, tmp_path, runner=FakeRunner(), progress=False)
+    for cell in spec.cells():  # D-ADDA ahead on detection AUC except for washer seed 1
+        summary_path = tmp_path / "cells" / cell.name / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        dadda = cell.run_config["dadda-synthesis"] == "dadda"
+        lose = cell.run_config["category"] == "washer" and cell.run_config["seed"] == 1
+        summary["final"].update({m: 0.5 for m in spec.table.metrics})
+        summary["final"].update(image_auroc=0.6 + 0.12 * (dadda != lose)
+                                + 0.01 * cell.run_config["seed"], pixel_ap=0.05)
+        summary_path.write_text(json.dumps(summary))
+    runs = collect_runs(tmp_path, spec.cells(), spec.table)
+    paths = write_tables(tmp_path, runs, spec.table, spec.name)
+    shown = display_table(summarize(runs, spec.table), spec.table, "md")
+    assert list(shown.columns) == ["category", "Synthesis", "Detection AUC", "Detection AP",
+                                   "Detection F1-max", "Localization AUC", "Localization AP",
+                                   "Localization F1-max"]
+    assert shown["category"].tolist() == [c for c in ("brick", "wood", "hex_nut", "washer",
+                                                      "mean of categories") for _ in (0, 1)]
+    brick_dadda = shown.iloc[1]
+    assert brick_dadda["Detection AUC"] == "**72.5 ± 0.7**"
+    assert brick_dadda["Localization AP"] == "**5.0 ± 0.0**"  # all tie
+    means = shown[shown["category"] == "mean of categories"].set_index("Synthesis")
+    assert means.loc["dadda", "Detection AUC"] == "71.0"  # (3 x 72.5 + 66.5) / 4, no std
+    compare = pd.read_csv(paths["compare"])
+    assert compare.iloc[0, 0] == "dadda > dam-only"
+    assert compare["Detection AUC"].item() == "7 / 8" and compare["Localization AP"].item() \
+        == "0 / 8"
+    assert "| dadda > dam-only |" in paths["md"].read_text()
+
+
+def test_mae_and_categories_reports_add_mean_rows_and_the_category_kind(tmp_path):
+    mae = load_spec(PROJECT_ROOT / "configs" / "mae.yaml")
+    run_sweep(mae, tmp_path / "mae", runner=FakeRunner(), progress=False)
+    shown = display_table(summarize(collect_runs(tmp_path / "mae"), mae.table), mae.table, "md")
+    assert list(shown.columns)[:3] == ["category", "mae-norm", "num-clients"]
+    assert shown.tail(3)[["category", "mae-norm", "num-clients"]].values.tolist() == [
+        ["mean", "dyt", "1"], ["mean", "layernorm", "1"], ["mean", "dyt", "3"]]
+    categories = load_spec(PROJECT_ROOT / "configs" / "msvt_categories.yaml")
+    run_sweep(categories, tmp_path / "cat", runner=FakeRunner(), progress=False)
+    runs = collect_runs(tmp_path / "cat", categories.cells(), categories.table)
+    shown = display_table(summarize(runs, categories.table), categories.table, "md")
+    assert list(shown.columns)[:2] == ["category", "kind"]
+    assert dict(zip(shown["category"], shown["kind"], strict=True)) == {
+        "brick": "texture", "fabric": "texture", "gear": "object", "hex_nut": "object",
+        "washer": "object", "wood": "texture"}
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"derived": ["colour"]}, "table.derived: unknown colour"),
+    ({"derived": ["model_distance"]}, "table.reference"),
+    ({"metrics": ["model_distance"]}, "model_distance needs table.derived"),
+    ({"mean-over": "seed"}, "table.mean-over"),
+    ({"compare": {"strategy": ["fedavg", "krum"]}}, "table.compare"),
+    ({"scale": 0}, "scale must be > 0"),
+])
+def test_bad_report_options_name_the_key(table, message):
+    with pytest.raises(SweepError, match=message):
+        _spec(table=table)
+
+
+def test_a_site_error_of_the_in_process_grid_is_found_in_the_log():
+    log = ("INFO fedad: round 1\nERROR fedad.inprocess: partition 1 failed: Traceback (most "
+           "recent call last):\n  File \"x.py\", line 1, in f\nValueError: boom\nINFO done\n")
+    assert first_client_error(log) == "ValueError: boom"
+    assert first_client_error("INFO fedad: partition 1 failed to load, retrying\n") == ""

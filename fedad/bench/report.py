@@ -34,7 +34,7 @@ def sweep_report(out: str | Path, spec: SweepSpec | None = None) -> list[Path]:
     """
     out = Path(out).expanduser().resolve()
     spec = spec or load_spec(out / "sweep.yaml")
-    runs = collect_runs(out, spec.cells())
+    runs = collect_runs(out, spec.cells(), spec.table)
     if runs.empty:
         raise SweepError(f"{out}: no cells run yet")
     written = list(write_tables(out, runs, spec.table, spec.name).values())

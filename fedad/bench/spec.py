@@ -12,12 +12,29 @@ A sweep file (YAML, kebab-case run-config keys)::
     exclude: [{partitioner: label-wise, num-clients: 10}]   # combinations left out
     centralized: true           # or a mapping of values the reference cells use instead
     table: {rows: [strategy, partitioner], metrics: [image_auroc, aupro]}
-    cell-timeout: 1800          # seconds per `flwr run`
+    cell-timeout: 1800          # seconds per cell
+    runner: flwr                # or in-process
 
 Each combination is a federated cell. The centralized reference is one client holding all the
 data (1 SuperNode, ``min-train-nodes=1``, FedAvg over a single IID partition) with the same
 training budget; there is one reference cell per combination of the keys that do not concern the
 federation (e.g. per seed, per batch size).
+
+``runner: flwr`` runs each cell as a real `flwr run` simulation (Ray backend);
+``runner: in-process`` runs it through :func:`fedad.inprocess.run_in_process` (the same server
+workflow and site code, no Ray) in a fresh Python process per cell. Both write the same cell
+folder (see :mod:`fedad.bench.sweep`).
+
+Report options of ``table`` beyond rows / metrics / columns / labels / values (see
+:mod:`fedad.bench.tables`)::
+
+    table:
+      derived: [epsilon, model_distance]     # per-cell columns computed by the report
+      reference: {strategy: fedavg, attack: none}   # the cell model_distance measures against
+      mean-over: category       # a row key: adds "mean" rows, the mean of its rows' means
+      compare: {dadda-synthesis: [dadda, dam-only]}   # how often the first beats the second
+      scale: 100                # metrics shown multiplied (e.g. in %)
+      digits: 1                 # decimals shown
 """
 
 from __future__ import annotations
@@ -43,8 +60,15 @@ FEDERATION_KEYS = frozenset({
 })
 FEDERATION_PREFIXES = ("aca-", "cfa-")
 SPEC_KEYS = frozenset({"name", "fixed", "grid", "exclude", "centralized", "table",
-                       "cell-timeout", "cpus-per-client"})
-TABLE_KEYS = frozenset({"rows", "metrics", "columns", "labels", "values"})
+                       "cell-timeout", "cpus-per-client", "runner"})
+TABLE_KEYS = frozenset({"rows", "metrics", "columns", "labels", "values", "derived",
+                        "reference", "mean-over", "compare", "scale", "digits"})
+RUNNERS = ("flwr", "in-process")
+DERIVED_ROW_KEYS = frozenset({"epsilon", "category_kind"})
+"""Derived columns that are a function of the cell's run-config: usable as row keys."""
+DERIVED_METRICS = frozenset({"model_distance"})
+"""Derived columns measured on the cell's results: usable as metrics."""
+MODEL_DISTANCE = "model_distance"
 
 
 class SweepError(ValueError):
@@ -61,6 +85,16 @@ class TableSpec:
         columns: optional swept key whose values become column groups (``value / metric``).
         labels: header renames, e.g. ``{partitioner: IID}``.
         values: value renames per key, e.g. ``{partitioner: {iid: ✓, label-wise: ✗}}``.
+        derived: columns the report computes per cell (``epsilon``, ``category_kind``: row keys;
+            ``model_distance``: a metric).
+        reference: the swept values of the cell ``model_distance`` measures against (the other
+            swept values are the cell's own).
+        mean_over: a row key; adds rows whose value of it is ``mean``: the mean of the row
+            means over its values.
+        compare: (key, value, baseline): counts the paired cells where ``value`` beats
+            ``baseline`` on each metric.
+        scale: factor the shown metrics are multiplied by.
+        digits: decimals shown.
     """
 
     rows: tuple[str, ...]
@@ -68,6 +102,22 @@ class TableSpec:
     columns: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     values: dict[str, dict[str, str]] = field(default_factory=dict)
+    derived: tuple[str, ...] = ()
+    reference: dict[str, Any] = field(default_factory=dict)
+    mean_over: str = ""
+    compare: tuple[str, ...] = ()
+    scale: float = 1.0
+    digits: int = 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``table`` mapping of a sweep file (empty options left out)."""
+        compare = {self.compare[0]: list(self.compare[1:])} if self.compare else {}
+        table = {"rows": list(self.rows), "metrics": list(self.metrics),
+                 "columns": self.columns, "labels": self.labels, "values": self.values,
+                 "derived": list(self.derived), "reference": self.reference,
+                 "mean-over": self.mean_over, "compare": compare}
+        out = {k: v for k, v in table.items() if v}
+        return {**out, "scale": self.scale, "digits": self.digits}
 
 
 @dataclass(frozen=True)
@@ -103,18 +153,16 @@ class SweepSpec:
     exclude: tuple[dict[str, Any], ...] = ()
     cell_timeout: float = 3600.0
     cpus_per_client: int = 1
+    runner: str = "flwr"
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep file's mapping (``parse_spec(spec.to_dict(), ...)`` gives it back)."""
-        table = {"rows": list(self.table.rows), "metrics": list(self.table.metrics),
-                 "columns": self.table.columns, "labels": self.table.labels,
-                 "values": self.table.values}
         centralized = False if self.centralized is None else (self.centralized or True)
         return {"name": self.name, "fixed": self.fixed,
                 "grid": {k: list(v) for k, v in self.grid.items()},
                 "exclude": list(self.exclude), "centralized": centralized,
-                "table": {k: v for k, v in table.items() if v}, "cell-timeout": self.cell_timeout,
-                "cpus-per-client": self.cpus_per_client}
+                "table": self.table.to_dict(), "cell-timeout": self.cell_timeout,
+                "cpus-per-client": self.cpus_per_client, "runner": self.runner}
 
     def cells(self) -> list[Cell]:
         """The centralized reference cells first, then every federated combination."""
@@ -232,11 +280,14 @@ def parse_spec(data: Any, source: str, known_keys: frozenset[str],
     cpus = data.get("cpus-per-client", 1)
     if timeout <= 0 or not isinstance(cpus, int) or cpus < 1:
         raise SweepError(f"{source}: cell-timeout must be > 0 and cpus-per-client an int >= 1")
+    runner = data.get("runner", RUNNERS[0])
+    if runner not in RUNNERS:
+        raise SweepError(f"{source}: runner={runner!r}: expected one of {', '.join(RUNNERS)}")
     return SweepSpec(
         name=str(data.get("name", default_name)), source=source, fixed=fixed, grid=grid,
         centralized=centralized, table=_table(data.get("table"), grid, source),
         exclude=tuple(_mapping(rule, source, "exclude") for rule in exclude),
-        cell_timeout=timeout, cpus_per_client=cpus,
+        cell_timeout=timeout, cpus_per_client=cpus, runner=runner,
     )
 
 
@@ -251,23 +302,58 @@ def _centralized(value: Any, source: str) -> dict[str, Any] | None:
 def _table(value: Any, grid: dict[str, tuple[Any, ...]], source: str) -> TableSpec:
     table = _mapping(value, source, "table")
     _no_unknown(table, TABLE_KEYS, source, "table.")
+    derived = tuple(table.get("derived", ()))
+    unknown = sorted(set(derived) - DERIVED_ROW_KEYS - DERIVED_METRICS)
+    if unknown:
+        raise SweepError(f"{source}: table.derived: unknown {', '.join(unknown)} (expected "
+                         f"{', '.join(sorted(DERIVED_ROW_KEYS | DERIVED_METRICS))})")
+    row_keys = [*grid, *(k for k in derived if k in DERIVED_ROW_KEYS)]
     swept = [k for k in grid if k != "seed"]
     rows = tuple(table.get("rows", [k for k in swept if k != table.get("columns")]))
     columns = str(table.get("columns", ""))
     for key in (*rows, *([columns] if columns else [])):
-        if key not in grid:
+        if key not in row_keys:
             raise SweepError(f"{source}: table: {key!r} is not a swept key (grid: "
-                             f"{', '.join(grid)})")
+                             f"{', '.join(grid)}) nor a derived row key")
     if "seed" in rows or columns == "seed":
         raise SweepError(f"{source}: table: seed is averaged over, not a row or column")
     metrics = tuple(table.get("metrics", DEFAULT_METRICS))
     if not metrics:
         raise SweepError(f"{source}: table.metrics: expected at least one metric")
+    if MODEL_DISTANCE in metrics and MODEL_DISTANCE not in derived:
+        raise SweepError(f"{source}: table.metrics: {MODEL_DISTANCE} needs table.derived")
     values = {k: {str(a): str(b) for a, b in _mapping(v, source, f"table.values.{k}").items()}
               for k, v in _mapping(table.get("values"), source, "table.values").items()}
     labels = {str(k): str(v) for k, v in _mapping(table.get("labels"), source,
                                                      "table.labels").items()}
-    return TableSpec(rows=rows, metrics=metrics, columns=columns, labels=labels, values=values)
+    reference = _mapping(table.get("reference"), source, "table.reference")
+    if (MODEL_DISTANCE in derived) != bool(reference) or set(reference) - set(grid):
+        raise SweepError(f"{source}: table.reference: swept values of the reference cell, "
+                         f"needed by (and only by) derived {MODEL_DISTANCE}")
+    mean_over = str(table.get("mean-over", ""))
+    if mean_over and mean_over not in rows:
+        raise SweepError(f"{source}: table.mean-over: {mean_over!r} is not a row key")
+    compare = _compare(table.get("compare"), grid, source)
+    scale, digits = table.get("scale", 1.0), table.get("digits", 3)
+    if not isinstance(scale, int | float) or scale <= 0 or not isinstance(digits, int) \
+            or digits < 0:
+        raise SweepError(f"{source}: table: scale must be > 0 and digits an int >= 0")
+    return TableSpec(rows=rows, metrics=metrics, columns=columns, labels=labels, values=values,
+                     derived=derived, reference=reference, mean_over=mean_over, compare=compare,
+                     scale=float(scale), digits=digits)
+
+
+def _compare(value: Any, grid: dict[str, tuple[Any, ...]], source: str) -> tuple[str, ...]:
+    """``{key: [value, baseline]}`` -> ``(key, value, baseline)`` (``()`` when not set)."""
+    compare = _mapping(value, source, "table.compare")
+    if not compare:
+        return ()
+    key, pair = next(iter(compare.items()))
+    if len(compare) != 1 or key not in grid or not isinstance(pair, list) or len(pair) != 2 \
+            or any(v not in grid[key] for v in pair):
+        raise SweepError(f"{source}: table.compare: expected {{swept key: [value, baseline]}} "
+                         "with two of the key's values")
+    return (key, *map(str, pair))
 
 
 def _mapping(value: Any, source: str, key: str) -> dict[str, Any]:

@@ -1,19 +1,20 @@
-"""Run a sweep's cells as real Flower simulations, resumably.
+"""Run a sweep's cells, as real Flower simulations or on the in-process grid, resumably.
 
-Folder layout of a sweep ``OUT``::
+Folder layout of a sweep ``OUT`` (the same for both runners)::
 
     OUT/sweep.yaml                 the sweep file as run
     OUT/cells/<cell>/cell.json     what the cell is (params, run-config, clients)
     OUT/cells/<cell>/...           the run's results folder (summary.json when it finished)
-    OUT/cells/<cell>/flwr.log      the streamed `flwr run` log
+    OUT/cells/<cell>/flwr.log      the run's log (`flwr run --stream`, or the cell process's)
     OUT/cells/<cell>/error.json    status, error and log tail of a failed cell
     OUT/cells/<cell>/running       present while the cell's run has not returned
 
-A cell whose folder holds summary.json, and no ``running`` marker, is finished and skipped on a
-rerun (a run killed after writing summary.json, e.g. between D-ADDA's federated stage and its
-accuracy tables, is not finished); a failed cell is
-recorded and retried on the next run; the sweep goes on after a failure. A run that completed
-although a ClientApp raised counts as failed (its rounds trained on fewer sites than asked).
+:func:`cell_status` is the one finished-run rule, used by the sweep, its resumption and the
+report: a cell whose folder holds summary.json, no ``running`` marker and no error.json is
+finished and skipped on a rerun (a run killed after writing summary.json, e.g. between
+D-ADDA's federated stage and its accuracy tables, is not finished); a failed cell is recorded
+and retried on the next run; the sweep goes on after a failure. A run that completed although a
+site raised counts as failed (its rounds trained on fewer sites than asked).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,8 +39,11 @@ from fedad.simulation import SimulationRun, run_simulation
 
 LOG_TAIL_CHARS = 4000
 CLIENT_ERROR_MARKER = "An exception was raised when processing a message"
+CLIENT_ERROR = re.compile(rf"{CLIENT_ERROR_MARKER}|partition \d+ failed: Traceback")
+"""A site's exception in a log: Flower's message, or fedad.inprocess.InProcessGrid's."""
 CELLS = "cells"
 RUNNING_MARKER = "running"
+COMPLETED = "finished:completed"
 
 CellRunner = Callable[[Cell, Path, SweepSpec, Path], SimulationRun]
 """(cell, its results folder, the sweep, FLWR_HOME) -> how its simulation ended."""
@@ -63,25 +68,60 @@ def simulate_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path) ->
     )
 
 
+def in_process_cell(cell: Cell, folder: Path, spec: SweepSpec,
+                    flwr_home: Path) -> SimulationRun:
+    """The cell on the in-process grid, in a fresh Python process (``python -m
+    fedad.bench.cell FOLDER``) writing into ``folder``: cells stay independent of each other
+    and of their order (global RNGs, torch threads, caches), ``cell-timeout`` can stop one and
+    a crash takes only its cell down."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "fedad.bench.cell", str(folder)],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=spec.cell_timeout, check=False)
+        status = COMPLETED if done.returncode == 0 else f"failed (exit {done.returncode})"
+        log = done.stdout
+    except subprocess.TimeoutExpired as err:
+        status, log = f"timeout after {spec.cell_timeout:g} s", err.stdout or b""
+    return SimulationRun(None, status, log.decode(errors="replace"), time.perf_counter() - start)
+
+
+RUNNERS: dict[str, CellRunner] = {"flwr": simulate_cell, "in-process": in_process_cell}
+"""The cell runner of each ``runner`` value of a sweep file."""
+
+
 def cell_folder(out: Path, cell: Cell) -> Path:
     """Results folder of ``cell`` in the sweep folder ``out``."""
     return out / CELLS / cell.name
 
 
+def cell_status(folder: Path) -> str:
+    """``done`` (summary.json, no running marker, no error.json), ``failed`` (error.json),
+    ``incomplete`` (started, not returned: running or killed) or ``pending`` (no folder)."""
+    if (folder / "error.json").is_file():
+        return "failed"
+    if (folder / RUNNING_MARKER).exists():
+        return "incomplete"
+    if (folder / "summary.json").is_file():
+        return "done"
+    return "incomplete" if folder.is_dir() else "pending"
+
+
 def is_finished(folder: Path) -> bool:
-    """A cell is finished when its run wrote summary.json and returned (no running marker)."""
-    return (folder / "summary.json").is_file() and not (folder / RUNNING_MARKER).exists()
+    """True when the cell in ``folder`` is finished (:func:`cell_status` ``done``)."""
+    return cell_status(folder) == "done"
 
 
 def run_sweep(
     spec: SweepSpec, out: str | Path, *, max_cells: int | None = None,
-    runner: CellRunner = simulate_cell, progress: bool = True,
+    runner: CellRunner | None = None, progress: bool = True,
 ) -> list[CellOutcome]:
     """Run every unfinished cell of ``spec`` into ``out`` (see the module docstring).
 
     Args:
         max_cells: stop after running this many cells (finished cells skipped do not count).
-        runner: how a cell is run (a real simulation; tests may pass another).
+        runner: how a cell is run (default: the one ``spec.runner`` names; tests may pass
+            another).
         progress: show a progress bar with elapsed time and ETA on stderr.
 
     Returns:
@@ -92,6 +132,7 @@ def run_sweep(
     (out / "sweep.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False,
                                                    allow_unicode=True))
     flwr_home = out / ".flwr-home"
+    runner = runner or RUNNERS[spec.runner]
     outcomes: dict[str, CellOutcome] = {}
     pending = []
     for cell in spec.cells():
@@ -134,7 +175,7 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
     (folder / RUNNING_MARKER).unlink()
     (folder / "flwr.log").write_text(run.log)
     if not run.completed:
-        return _failed(cell, folder, run.status, f"flwr run ended with status {run.status}",
+        return _failed(cell, folder, run.status, f"the run ended with status {run.status}",
                        run.log, run.seconds)
     if not is_finished(folder):
         return _failed(cell, folder, run.status, "run completed without writing summary.json",
@@ -142,22 +183,22 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
     client_error = first_client_error(run.log)
     if client_error:
         (folder / "summary.json").unlink()  # not a result of the configured experiment
-        return _failed(cell, folder, run.status, f"a ClientApp raised: {client_error}",
+        return _failed(cell, folder, run.status, f"a site raised: {client_error}",
                        run.log, run.seconds)
     return CellOutcome(cell, "done", run.seconds)
 
 
 def first_client_error(log: str) -> str:
-    """The first exception a ClientApp raised in a `flwr run` log ("" when none).
+    """The first exception a site raised in a run's log ("" when none).
 
     A run whose sites raised still ends "completed" (the strategy skips rounds without usable
     replies), but its metrics then describe an untrained or partly trained model.
     """
-    start = log.find(CLIENT_ERROR_MARKER)
-    if start < 0:
+    marker = CLIENT_ERROR.search(log)
+    if marker is None:
         return ""
-    match = re.search(r"\b([\w.]*(?:Error|Exception)): (.+)", log[start:])
-    return f"{match.group(1)}: {match.group(2).strip()}" if match else CLIENT_ERROR_MARKER
+    match = re.search(r"\b([\w.]*(?:Error|Exception)): (.+)", log[marker.start():])
+    return f"{match.group(1)}: {match.group(2).strip()}" if match else marker.group(0)
 
 
 def _failed(cell: Cell, folder: Path, status: str, error: str, log: str,
