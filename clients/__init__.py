@@ -1,8 +1,7 @@
-"""Per-method site logic: what a client does in each phase of a method.
-
-:data:`ACTIONS` lists the custom message actions (``<category>.<action>``) that the ClientApp
-routes besides Flower's defaults; each method's site class handles its own.
-"""
+"""Per-method site logic: what a client does in each phase of a method (one thin module per
+method: unpack the message, call the method's package, pack the reply). The custom message
+actions each method's site handles are named by its registry entry
+(:func:`fedad.methods.site_actions`)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,6 @@ from clients.base import SiteClient
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.methods import method_entry, resolve
-
-ACTIONS: dict[str, tuple[str, ...]] = {
-    "train": (), "evaluate": (),
-    "query": ("dadda_cached", "dadda_upload", "dadda_synthesize", "feature_moments",
-              "normal_map"),
-}
 
 
 def create_client(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> SiteClient:

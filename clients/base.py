@@ -14,8 +14,8 @@ class SiteClient:
     A message of type ``train``, ``evaluate`` or ``query`` (Flower's default actions) goes to
     the method of that name; ``<category>.<action>`` goes to ``<category>_<action>`` (dashes
     become underscores), e.g. ``query.upload-normals`` -> :meth:`query_upload_normals`. Each
-    handler takes the message content and returns the reply content. Action names must also be
-    listed in :data:`clients.ACTIONS` so that the ClientApp routes them.
+    handler takes the message content and returns the reply content. Custom actions must be
+    listed in the method's registry entry (``actions``) so that the ClientApp routes them.
 
     Args:
         cfg: the experiment config (the same on every site, plus the site's own data-path).

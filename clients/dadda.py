@@ -1,7 +1,7 @@
 """D-ADDA's site: stage 1 upload, stage 3 synthesis, and (inherited from
 :class:`clients.model.ModelClient`) the federated training of the classifier + localizer.
 
-Messages (listed in :data:`clients.ACTIONS`):
+Messages (:mod:`fedad.dadda.protocol`):
 
 - ``query.dadda_upload`` (stage 1): run DAM on the site's real training defects (pairs cached
   on the site's disk), then send the eq. (3) payload: normal images, and the masks of the real
@@ -27,8 +27,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from clients.model import ModelClient
 from fedad.dadda.detector import defect_types_of, synthetic_cache_path
+from fedad.dadda.generators import unpack_generators
 from fedad.dadda.payload import ServerUpload, build_upload, check_upload, upload_to_record
 from fedad.dadda.plots import plot_synthesized
+from fedad.dadda.protocol import GENERATORS, PREVIEW_DIR, SEND_UPLOAD
 from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs, dam_pairs, diffusion_pairs, finetune_image_model
 from fedad.dam import DAMSettings, category_kind
@@ -80,7 +82,7 @@ class DADDASite(ModelClient):
         dam.save(self._dam_cache(samples))
         log.info("partition %d: DAM made %d pairs from %d real defects in %.1f s",
                  self.partition_id, len(dam), len(real), time.perf_counter() - start)
-        if not content["config"].get("send-upload", True):  # dam-only: nothing to send
+        if not content["config"].get(SEND_UPLOAD, True):  # dam-only: nothing to send
             return RecordDict({"metrics": MetricRecord({"num-dam": len(dam)})})
         upload = build_upload(samples, settings.dadda_diffusion_size, self.data.defect_types)
         upload = ServerUpload(
@@ -126,7 +128,7 @@ class DADDASite(ModelClient):
             synthetic = self._diffusion_pairs(content, DefectPairs.concat([real, dam]), seed,
                                               timings)
         synthetic.save(synthetic_cache_path(self.cfg, samples))
-        preview = str(config.get("preview-dir", ""))
+        preview = str(config.get(PREVIEW_DIR, ""))
         if preview and len(synthetic):
             plot_synthesized(synthetic, defect_types_of(self.cfg),
                              Path(preview) / f"synthesized_partition{self.partition_id}.png",
@@ -144,12 +146,12 @@ class DADDASite(ModelClient):
         if not len(local):
             return local
         start = time.perf_counter()
-        image_model = finetune_image_model(content["image-model"].to_torch_state_dict(), local,
-                                           settings=settings, seed=seed + 1)
+        image_state, mask_state = unpack_generators(content[GENERATORS])
+        image_model = finetune_image_model(image_state, local, settings=settings, seed=seed + 1)
         timings["finetune_seconds"] = time.perf_counter() - start
         num_types = len(defect_types_of(self.cfg))
         mask_model = DiffusionUNet(**settings.unet_kwargs(1, num_classes=num_types))
-        mask_model.load_state_dict(content["mask-model"].to_torch_state_dict())
+        mask_model.load_state_dict(mask_state)
         start = time.perf_counter()
         with torch.no_grad():
             pairs = diffusion_pairs(image_model, mask_model.eval(),

@@ -2,17 +2,25 @@
 
 Only the trainable part of a model crosses (a frozen pretrained backbone stays on each site).
 Every reply is checked before aggregation: same keys and shapes as the global model, finite
-values, finite scalar metrics. A refused reply is logged with its node id and reason.
+values, finite scalar metrics. A refused reply is logged with its node id and reason, and
+every payload that reached the server is a row of the run's audit log (:class:`AuditLog`, one
+schema for every method: :func:`audit_row`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +56,104 @@ def check_metrics(metrics: MetricRecord) -> str | None:
     return None
 
 
-def arrays_digest(arrays: ArrayRecord) -> str:
-    """Short SHA-256 of a payload's bytes, for the log of what crossed."""
-    digest = hashlib.sha256()
+def digest(arrays: Mapping[str, Array | np.ndarray]) -> str:
+    """Short SHA-256 (16 hex digits) of named arrays, in their order: the one digest of the
+    audit log (and of a head or whitening a site has already scored under)."""
+    sha = hashlib.sha256()
     for key, array in arrays.items():
-        digest.update(key.encode())
-        digest.update(array.data)
-    return digest.hexdigest()[:16]
+        sha.update(key.encode())
+        sha.update((array if isinstance(array, Array) else Array(np.ascontiguousarray(array))).data)
+    return sha.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Query:
+    """A method's custom query: the site action it calls and, for a typed payload, the kind
+    that answers it. Flower routes message type ``query.<action>`` to the ClientApp handler
+    registered for ``<action>``."""
+
+    action: str
+    payload_kind: str = ""
+
+    @property
+    def message(self) -> str:
+        """The Flower message type."""
+        return f"query.{self.action}"
+
+    @property
+    def kind(self) -> str:
+        """The audit log's ``kind`` of a reply: the payload kind, else the message type."""
+        return self.payload_kind or self.message
+
+
+SERVER_ROUND = "server-round"
+"""Config key of every server message: the round it belongs to (Flower's strategies set it)."""
+
+AUDIT_FILE = "payloads.jsonl"
+"""The audit log of a results folder: one row per payload that reached the server."""
+
+
+def audit_row(*, server_round: int, node: int, kind: str, accepted: bool, reason: str = "",
+              arrays: Mapping[str, Array | np.ndarray] | None = None, count: int | None = None,
+              **details: Any) -> dict[str, Any]:
+    """One row of the audit log, the same schema for every method and stage.
+
+    Keys: ``time`` (UTC), ``round``, ``node``, ``kind`` (what the payload is), ``accepted``,
+    ``reason`` (why it was refused, or empty), ``count`` (examples it summarises, when known),
+    ``shapes`` / ``bytes`` / ``digest`` of its arrays (when it had any) and ``details`` (what a
+    method adds, e.g. the counts of an upload's images and masks).
+    """
+    row: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "round": int(server_round),
+        "node": int(node), "kind": kind, "accepted": bool(accepted), "reason": reason,
+        "count": count, "shapes": None, "bytes": None, "digest": None, "details": details,
+    }
+    if arrays is not None:
+        numpy = {k: a.numpy() if isinstance(a, Array) else np.asarray(a) for k, a in arrays.items()}
+        row.update(shapes={k: list(a.shape) for k, a in numpy.items()},
+                   bytes=int(sum(a.nbytes for a in numpy.values())), digest=digest(arrays))
+    return row
+
+
+def message_arrays(msg: Message) -> Mapping[str, Array] | None:
+    """A reply's arrays for its audit row: its one ArrayRecord as it is, several under
+    ``record/key`` names, None when it carries none (or is an error)."""
+    if msg.has_error() or not msg.content.array_records:
+        return None
+    records = msg.content.array_records
+    if len(records) == 1:
+        return next(iter(records.values()))
+    return {f"{name}/{key}": array for name, record in records.items()
+            for key, array in record.items()}
+
+
+class AuditLog:
+    """The rows of :data:`AUDIT_FILE` (see :func:`audit_row`), appended to the file as they
+    arrive, so a server killed midway leaves every row it received; a resumed run keeps the
+    interrupted attempt's rows and appends its own after a ``resume`` row.
+
+    Args:
+        path: the file; None keeps the rows in memory only (a strategy used outside a run).
+        resume: continue the file's rows instead of starting a fresh log.
+    """
+
+    def __init__(self, path: Path | None = None, resume: bool = False) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path is None:
+            return
+        if resume and path.exists():
+            self.rows = [json.loads(line) for line in path.read_text().splitlines()
+                         if line.strip()]
+        else:
+            path.write_text("")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add one :func:`audit_row` (written at once)."""
+        self.rows.append(row)
+        if self.path is not None:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps(row) + "\n")

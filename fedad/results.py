@@ -66,10 +66,10 @@ class ResultsWriter:
                 for row in self.rows]  # rounds.csv as of this checkpoint, restored on resume
         checkpoint = {"round": server_round, "state_dict": state,
                       "strategy": strategy_state or {}, "rows": rows}
-        _atomic(self.checkpoints / f"round-{server_round:03d}.pt",
+        atomic_write(self.checkpoints / f"round-{server_round:03d}.pt",
                 lambda path: torch.save(checkpoint, path))
-        _atomic(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
-        _atomic(self.root / "rounds.csv",
+        atomic_write(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
+        atomic_write(self.root / "rounds.csv",
                 lambda path: pd.DataFrame(self.rows).to_csv(path, index=False))
 
     def load_latest(self) -> tuple[int, dict[str, torch.Tensor], dict]:
@@ -117,9 +117,12 @@ class ResultsWriter:
             title=f"global model after round {server_round}",
         )
 
-    def write_summary(self, cfg: ExperimentConfig, num_clients: int, extra: dict[str, Any]) -> dict:
-        """summary.json: what ran, how long, and the last round's server-side metrics."""
-        final = {k: _json_number(v) for k, v in (self.rows[-1] if self.rows else {}).items()}
+    def write_summary(self, cfg: ExperimentConfig, num_clients: int, extra: dict[str, Any],
+                      final: dict[str, float] | None = None) -> dict:
+        """summary.json: what ran, how long, and the last round's server-side metrics (plus
+        ``final``, a method's end-of-run metrics)."""
+        last = {**(self.rows[-1] if self.rows else {}), **(final or {})}
+        final = {k: _json_number(v) for k, v in last.items()}
         summary = {
             "method": cfg.method, "strategy": cfg.strategy, "partitioner": cfg.partitioner,
             "num_clients": num_clients, "rounds": self.last_round,
@@ -128,21 +131,8 @@ class ResultsWriter:
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        """The rows of a JSON-lines log written by :meth:`write_jsonl` (empty if absent)."""
-        path = self.root / name
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """A JSON-lines log (e.g. what crossed to the server)."""
-        with open(self.root / name, "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a temporary file and a rename, so that a process killed midway
     leaves the previous version intact, never a truncated file."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -2,8 +2,10 @@
 
 A reply whose arrays have other keys or shapes than the global model, non-finite values, or
 non-finite metrics is dropped and logged; if the aggregate itself is non-finite, the global model
-is kept as it was. Every accepted payload is recorded (node, round, bytes, digest) so that what
-crossed to the server can be audited.
+is kept as it was. An inner strategy whose replies are not model updates (D-ADDA's uploads)
+checks them itself: it defines ``check_reply(content) -> (reason or None, details)``, which the
+guard calls instead of the array comparison. Every reply, accepted or not, is a row of the audit
+log (:func:`fedad.payloads.audit_row`) so that what crossed to the server can be audited.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedad.payloads import arrays_digest, check_arrays, check_metrics
+from fedad.payloads import AuditLog, audit_row, check_arrays, check_metrics, message_arrays
 from strategies.optimizer_state import load_optimizer_state, optimizer_state
 from strategies.statistics import strategy_chain
 
@@ -33,6 +35,7 @@ class GuardedStrategy(Strategy):
         round_offset: rounds already done before this start (a resumed run), added to the round
             numbers the inner strategy and the sites see, so a resumed run continues the
             numbering (and the sites' seeds) of the interrupted one.
+        audit: where the audit rows go (the run's :class:`fedad.payloads.AuditLog`).
     """
 
     def __init__(self, inner: Strategy, min_replies: int = 1) -> None:
@@ -40,7 +43,7 @@ class GuardedStrategy(Strategy):
         self.min_replies = min_replies
         self.round_offset = 0
         self.global_arrays: ArrayRecord | None = None
-        self.payload_log: list[dict] = []
+        self.audit = AuditLog()
         self.last_train_metrics: MetricRecord | None = None
         self.last_evaluate_metrics: MetricRecord | None = None
 
@@ -74,7 +77,10 @@ class GuardedStrategy(Strategy):
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         if arrays is not None and self.global_arrays is not None:
-            reason = check_arrays(arrays, self.global_arrays)
+            # a model update must match the global model; other results (D-ADDA's generators)
+            # are checked for finiteness only
+            reference = arrays if hasattr(self.inner, "check_reply") else self.global_arrays
+            reason = check_arrays(arrays, reference)
             if reason:
                 log.error("round %d: aggregate refused (%s); global model kept",
                           server_round, reason)
@@ -134,38 +140,40 @@ class GuardedStrategy(Strategy):
         kept: list[tuple[str, Message]] = []
         errors = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
                 errors.append(msg)  # the inner strategy logs and skips error replies
+                self.audit.append(audit_row(
+                    server_round=server_round, node=node, kind=msg.metadata.message_type,
+                    accepted=False, reason=f"site error: {msg.error.reason}"))
                 continue
-            node = msg.metadata.src_node_id
-            reason = self._refusal(msg.content, check_payload)
+            reason, details = self._refusal(msg.content, check_payload)
             if reason:
                 log.warning("round %d: refused reply from node %d: %s", server_round, node, reason)
-                self._record(server_round, node, msg, accepted=False, reason=reason)
+            row = audit_row(server_round=server_round, node=node, kind=msg.metadata.message_type,
+                            accepted=not reason, reason=reason or "",
+                            arrays=message_arrays(msg), **details)
+            self.audit.append(row)
+            if reason:
                 continue
-            row = self._record(server_round, node, msg, accepted=True, reason="")
             metrics = sorted((k, str(v)) for r in msg.content.metric_records.values()
                              for k, v in r.items())
-            kept.append((f"{row.get('digest', '')}{metrics}", msg))
+            kept.append((f"{row['digest'] or ''}{metrics}", msg))
         return [msg for _, msg in sorted(kept, key=lambda pair: pair[0])] + errors
 
-    def _refusal(self, content, check_payload: bool) -> str | None:
+    def _refusal(self, content, check_payload: bool) -> tuple[str | None, dict]:
+        """Why a reply must not be used (or None), and what the audit row should add."""
         for metrics in content.metric_records.values():
             reason = check_metrics(metrics)
             if reason:
-                return reason
-        if not check_payload or self.global_arrays is None:
-            return None
+                return reason, {}
+        if not check_payload:
+            return None, {}
+        if hasattr(self.inner, "check_reply"):
+            return self.inner.check_reply(content)
+        if self.global_arrays is None:
+            return None, {}
         if len(content.array_records) != 1:
-            return f"expected one ArrayRecord, got {len(content.array_records)}"
-        return check_arrays(next(iter(content.array_records.values())), self.global_arrays)
+            return f"expected one ArrayRecord, got {len(content.array_records)}", {}
+        return check_arrays(next(iter(content.array_records.values())), self.global_arrays), {}
 
-    def _record(self, server_round: int, node: int, msg: Message, *, accepted: bool,
-                reason: str) -> dict:
-        row = {"round": server_round, "node": node, "kind": msg.metadata.message_type,
-               "accepted": accepted, "reason": reason}
-        for name, arrays in msg.content.array_records.items():
-            row.update(record=name, tensors=len(arrays), bytes=arrays.count_bytes(),
-                       digest=arrays_digest(arrays))
-        self.payload_log.append(row)
-        return row

@@ -14,6 +14,7 @@ from flwr.app import Array
 import clients.dadda
 from fedad.config import ExperimentConfig
 from fedad.dadda.payload import UPLOAD_ARRAYS
+from fedad.dadda.protocol import UPLOAD
 from fedad.dadda.workflow import run_dadda
 from fedad.inprocess import InProcessGrid
 from fedad.simulation import run_simulation
@@ -51,13 +52,16 @@ def test_all_stages_in_process_refuse_a_tampered_upload(tmp_path, monkeypatch) -
     summary = run_dadda(InProcessGrid(cfg, 3), cfg)
     root = tmp_path / "run"
 
-    audit = [json.loads(line) for line in (root / "privacy_audit.jsonl").read_text().splitlines()]
-    assert [row["accepted"] for row in audit] == [False, True, True]
-    assert "defective-label" in audit[0]["reason"]
+    audit = [json.loads(line) for line in (root / "payloads.jsonl").read_text().splitlines()]
+    uploads = [row for row in audit if row["kind"] == UPLOAD.message]
+    assert [row["accepted"] for row in uploads] == [False, True, True]
+    assert "defective-label" in uploads[0]["reason"]
     assert summary["uploads_accepted"] == 2
     # stage 2 trained on the accepted uploads only
-    assert summary["generators"]["normal_images"] == sum(r["normal_images"] for r in audit[1:])
-    assert summary["generators"]["masks"] == sum(r["masks"] for r in audit[1:])
+    assert summary["generators"]["normal_images"] == sum(
+        r["details"]["normal_images"] for r in uploads[1:])
+    assert summary["generators"]["masks"] == sum(r["details"]["masks"] for r in uploads[1:])
+    assert json.loads((root / "summary.json").read_text())["uploads_accepted"] == 2
 
     rounds = pd.read_csv(root / "rounds.csv")
     assert list(rounds["round"]) == [1, 2]
@@ -90,7 +94,9 @@ def test_dam_only_skips_the_generators(tmp_path) -> None:
                                                   "num-server-rounds": 1})
     summary = run_dadda(InProcessGrid(cfg, 2), cfg)
     assert "stage2_generators" not in summary["stage_seconds"]
-    assert not (tmp_path / "run" / "privacy_audit.jsonl").exists(), "DAM-only sends nothing"
+    audit = (tmp_path / "run" / "payloads.jsonl").read_text().splitlines()
+    dam = [row for row in map(json.loads, audit) if row["kind"] == UPLOAD.message]
+    assert len(dam) == 2 and all(row["digest"] is None for row in dam), "DAM-only sends nothing"
     synthesis = pd.read_csv(tmp_path / "run" / "synthesis.csv")
     assert (synthesis["num-synthetic"] == synthesis["num-dam"]).all()
     assert pd.read_csv(tmp_path / "run" / "table_ii.csv")["Synthesis"].tolist() == ["dam-only"]
@@ -133,7 +139,7 @@ def test_flower_simulation_runs_every_stage(tmp_path, monkeypatch) -> None:
                          flwr_home=tmp_path / "flwr", timeout=600)
     assert run.completed, run.log[-3000:]
     root = tmp_path / "run"
-    for name in ("table_ii.csv", "table_ii.md", "table_iii.csv", "privacy_audit.jsonl",
+    for name in ("table_ii.csv", "table_ii.md", "table_iii.csv", "payloads.jsonl",
                  "rounds.csv", "summary.json", "synthesized_partition0.png"):
         assert (root / name).is_file(), name
     summary = json.loads((root / "summary.json").read_text())

@@ -93,7 +93,7 @@ def test_a_nan_update_or_metric_gets_weight_zero_and_the_model_stays_finite():
                _reply(4, glob + UPDATES[2])]  # no q_i reported
     _, arrays, _ = _train_round(strategy, 1, glob, replies)
     assert np.isfinite(arrays["0"].numpy()).all()
-    refused = {row["node"] for row in strategy.payload_log if not row["accepted"]}
+    refused = {row["node"] for row in strategy.audit.rows if not row["accepted"]}
     assert refused == {2, 3}
     log = {row["node"]: row for row in _part(strategy, AdaptiveClientAggregation).weight_log}
     assert log[4]["weight"] == 0 and "val_pixel_accuracy" in log[4]["reason"]
@@ -174,7 +174,7 @@ def test_the_guard_refuses_a_prototype_long_enough_to_be_features():
     replies = [_reply(1, UPDATES[1], prototype=[0.1] * 5000), _reply(2, UPDATES[2],
                                                                      prototype=[0.1, 0.2])]
     _train_round(strategy, 1, np.zeros(4), replies)
-    refused = [row for row in strategy.payload_log if not row["accepted"]]
+    refused = [row for row in strategy.audit.rows if not row["accepted"]]
     assert [row["node"] for row in refused] == [1] and "5000 values" in refused[0]["reason"]
 
 

@@ -93,7 +93,7 @@ def test_the_baseline_is_the_frames_excess_in_the_pooled_normal_maps():
 
 def test_normal_map_payloads_and_the_sent_baseline_are_checked():
     sent = normal_map(np.ones((3, SIZE, SIZE), np.float32))
-    assert sent.count == 3 and sent.shapes() == {"mean": [SIZE, SIZE]}
+    assert sent.count == 3 and sent.arrays["mean"].shape == (SIZE, SIZE)
     got = payload_from_record(sent.to_record(), "normal-map", {"S": SIZE})
     np.testing.assert_array_equal(got.arrays["mean"], sent.arrays["mean"])
     with pytest.raises(PayloadError, match="shape"):

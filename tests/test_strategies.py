@@ -50,7 +50,7 @@ def test_every_strategy_excludes_nonfinite_and_misshaped_updates(name):
     assert arrays is not None
     for value in arrays.to_numpy_ndarrays():
         assert np.isfinite(value).all()
-    refused = {row["node"]: row["reason"] for row in strategy.payload_log if not row["accepted"]}
+    refused = {row["node"]: row["reason"] for row in strategy.audit.rows if not row["accepted"]}
     assert set(refused) == {5, 6, 7}
     assert "non-finite" in refused[5] and "train_loss" in refused[6] and "shape" in refused[7]
     if name in ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "fedprox"):
@@ -63,7 +63,7 @@ def test_fedavg_weights_by_num_examples_after_the_guard():
                _reply(2, [np.array([5.0, 5.0], np.float32)], {"num-examples": 10})]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["0"].numpy(), [2.0, 2.0])
-    accepted = [row for row in strategy.payload_log if row["accepted"]]
+    accepted = [row for row in strategy.audit.rows if row["accepted"]]
     assert len(accepted) == 2 and all(len(row["digest"]) == 16 for row in accepted)
 
 

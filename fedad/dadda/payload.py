@@ -16,9 +16,10 @@ Threat model, honestly:
   the expected fields and dtypes) and :func:`check_upload` refuses what it can detect: an image
   labelled defective, an image equal to one of the sender's defective images (by digest), a
   non-binary or empty mask, a mask class out of range, non-finite or out-of-range pixels, wrong
-  dtypes, shapes or sizes. A refused upload is not used. :class:`PrivacyAudit` logs every
-  upload, accepted or not. This catches bugs and a site that bypasses ``build_upload`` but
-  still reports its digests (a mislabelled or misconfigured client).
+  dtypes, shapes or sizes. A refused upload is not used. The server receives uploads through
+  :class:`strategies.dadda.DADDAUploadStrategy`, whose reply guard writes every upload,
+  accepted or not, to the run's audit log. This catches bugs and a site that bypasses
+  ``build_upload`` but still reports its digests (a mislabelled or misconfigured client).
 - What it cannot catch: a malicious site that lies about labels AND alters the pixels (or
   omits its digests) can upload a defective image, and no server-side test can tell a
   re-encoded defect photo from a normal one; nor can the server verify that masks belong to
@@ -32,12 +33,9 @@ Threat model, honestly:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -108,17 +106,6 @@ def image_digest(image: np.ndarray) -> str:
     quantized = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0)
     resized = Image.fromarray(quantized).resize((DIGEST_SIDE, DIGEST_SIDE), Image.Resampling.BOX)
     return hashlib.sha256(b"fedad-image-v1" + np.asarray(resized).tobytes()).hexdigest()
-
-
-def upload_digest(upload: ServerUpload) -> str:
-    """SHA-256 (hex) of an upload's whole content, for the audit log."""
-    digest = hashlib.sha256()
-    for key, array in upload.arrays().items():
-        array = np.ascontiguousarray(array)
-        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    digest.update(",".join(upload.defect_digests).encode())
-    return digest.hexdigest()
 
 
 def _normal_pixels(sample: Sample, image_size: int) -> np.ndarray:
@@ -289,62 +276,32 @@ def record_to_upload(content: RecordDict) -> ServerUpload:
     )
 
 
-class PrivacyAudit:
-    """Append-only JSON-lines log of every payload a server received (RESULTS_DIR/
-    privacy_audit.jsonl): time, node, partition, kind, accepted, reason, counts, shapes,
-    mask classes and the content digest."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(
-        self, *, node: int, kind: str, upload: ServerUpload | None, accepted: bool,
-        reason: str = "", partition: int | None = None,
-    ) -> None:
-        """Append one line; ``upload`` None when the payload could not even be parsed."""
-        entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "node": int(node), "partition": partition, "kind": kind,
-            "accepted": bool(accepted), "reason": reason,
-        }
-        if upload is not None:
-            classes, counts = np.unique(np.asarray(upload.mask_classes), return_counts=True)
-            entry |= {
-                "normal_images": len(upload.normal_images),
-                "masks": len(upload.masks),
-                "image_shape": list(np.shape(upload.normal_images)[1:]),
-                "mask_shape": list(np.shape(upload.masks)[1:]),
-                "mask_classes": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
-                "defect_digests": len(upload.defect_digests),
-                "content_sha256": _safe_digest(upload),
-            }
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(entry) + "\n")
-
-
-def _safe_digest(upload: ServerUpload) -> str:
-    """upload_digest, or a note when the upload is too malformed to hash."""
-    try:
-        return upload_digest(upload)
-    except (AttributeError, TypeError, ValueError) as err:
-        return f"unhashable ({type(err).__name__})"
-
-
-def receive_upload(
-    content: RecordDict, *, node: int, audit: PrivacyAudit, kind: str = "upload",
-    partition: int | None = None, max_side: int = 1024, num_classes: int | None = None,
-) -> ServerUpload | None:
-    """Server side: parse, check and audit one site's payload. Returns the upload, or None
-    when it was refused (logged with the node id and the rule; the caller must not use it)."""
+def inspect_upload(content: RecordDict, *, max_side: int = 1024,
+                   num_classes: int | None = None) -> tuple[ServerUpload | None, str | None]:
+    """Server side: parse and check one site's payload. Returns (upload, None) when it may be
+    used, else (the parsed upload or None when it could not be parsed, the broken rule)."""
     upload = None
     try:
         upload = record_to_upload(content)
         check_upload(upload, max_side=max_side, num_classes=num_classes)
     except PrivacyViolation as err:
-        log.error("node %s: upload refused: %s", node, err)
-        audit.record(node=node, kind=kind, upload=upload, accepted=False, reason=str(err),
-                     partition=partition)
-        return None
-    audit.record(node=node, kind=kind, upload=upload, accepted=True, partition=partition)
-    return upload
+        return upload, str(err)
+    return upload, None
+
+
+def upload_details(upload: ServerUpload | None) -> dict[str, object]:
+    """What the audit log records of an upload beyond its digest: image and mask counts and
+    shapes, masks per class, number of defect digests (empty when it could not be parsed)."""
+    if upload is None:
+        return {}
+    try:
+        classes, counts = np.unique(np.asarray(upload.mask_classes), return_counts=True)
+        return {
+            "normal_images": len(upload.normal_images), "masks": len(upload.masks),
+            "image_shape": list(np.shape(upload.normal_images)[1:]),
+            "mask_shape": list(np.shape(upload.masks)[1:]),
+            "mask_classes": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+            "defect_digests": len(upload.defect_digests),
+        }
+    except (TypeError, ValueError) as err:  # too malformed to describe
+        return {"unreadable": type(err).__name__}

@@ -1,206 +1,149 @@
-"""D-ADDA's server workflow (``method=dadda``) over Flower messages:
+"""D-ADDA's server workflow (``method=dadda``) on the :class:`fedad.server_run.ServerRun`
+skeleton:
 
-1. ``query.dadda_upload``: every site runs DAM and sends its eq. (3) payload; the server parses,
-   checks and audits each one (:func:`fedad.dadda.payload.receive_upload`, RESULTS_DIR/
-   privacy_audit.jsonl) before any use; refused payloads are left out and logged. With
+1-2. :class:`strategies.dadda.DADDAUploadStrategy` behind the reply guard: every site runs DAM
+   and sends its eq. (3) payload; the guard refuses, logs and audits what breaks the rule;
+   G^I (unconditional DDPM) is trained on the accepted normal images and G^M (class-conditional
+   DDPM, classifier-free guidance) on the accepted masks. The generators and the strategy's
+   state are a stage checkpoint: a resumed run does not train them again. With
    ``dadda-synthesis=dam-only`` the sites run DAM and send nothing (no server models needed).
-2. Stage 2 (``dadda-synthesis=dadda``): G^I (unconditional DDPM) on the accepted normal images,
-   G^M (class-conditional DDPM, classifier-free guidance) on the accepted masks.
-3. ``query.dadda_synthesize`` with the G^I / G^M weights: each site fine-tunes G^I with the mask
-   cross-attention, synthesizes pairs and caches them (each site writes its own preview grid,
+3. :data:`fedad.dadda.protocol.SYNTHESIZE` with the generators: each site fine-tunes G^I with the
+   mask cross-attention, synthesizes pairs and caches them (each site writes its preview grid,
    synthesized_partition<i>.png, into the folder the server names; on one machine that is the
-   results folder, in a deployment the site's own disk).
-4. FedAvg of the classifier + localizer with :func:`fedad.federation.run_federated`, then the
-   per-round defect-type accuracy (U-Pro / F-Pro) and the Table II / III files.
+   results folder, in a deployment the site's own disk). Skipped when every site already holds
+   pairs for these synthesis settings (``dadda-reuse-cache``).
+4. The registry's federated strategy for the classifier + localizer
+   (:func:`fedad.federation.train_global_model`), with the defect-type accuracy of every
+   round's global model in rounds.csv; then the Table II / III files and summary.json, once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedad.config import ExperimentConfig
 from fedad.dadda.detector import build_detector, defect_types_of
-from fedad.dadda.diffusion import train_diffusion
-from fedad.dadda.payload import PrivacyAudit, ServerUpload, receive_upload
+from fedad.dadda.protocol import CACHED, GENERATORS, PREVIEW_DIR, SEND_UPLOAD, SYNTHESIZE, UPLOAD
 from fedad.dadda.settings import DADDASettings
-from fedad.dadda.tables import accuracy_per_round, write_tables
-from fedad.experiment import prepare_data
-from fedad.federation import run_federated, wait_for_nodes
-from fedad.models.diffusion_unet import DiffusionUNet
-from fedad.seeding import seed_everything
+from fedad.dadda.tables import class_accuracy_metrics, write_tables
+from fedad.federation import train_global_model
+from fedad.payloads import Query, audit_row, message_arrays
+from fedad.server_run import ServerRun
+from strategies.dadda import DADDAUploadStrategy
+from strategies.guard import GuardedStrategy
 
 log = logging.getLogger(__name__)
 
-CACHED = "query.dadda_cached"
-UPLOAD = "query.dadda_upload"
-SYNTHESIZE = "query.dadda_synthesize"
 
-
-def _broadcast(grid: Grid, nodes: list[int], message_type: str, content: RecordDict,
-               cfg: ExperimentConfig) -> list[Message]:
-    """Send ``content`` to every node; the replies sorted by node id."""
-    messages = [Message(RecordDict(dict(content.items())), dst_node_id=node,
-                        message_type=message_type) for node in nodes]
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-    return sorted(replies, key=lambda m: m.metadata.src_node_id)
-
-
-def sites_hold_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig) -> bool:
-    """True when every site already holds synthetic pairs for ``cfg``'s synthesis settings
-    (a previous run that differed only in the detector or the federated stage)."""
-    replies = _broadcast(grid, nodes, CACHED, RecordDict(), cfg)
-    return all(not r.has_error() and int(r.content["metrics"]["cached"]) == 1 for r in replies)
-
-
-def run_dam_only(grid: Grid, nodes: list[int], cfg: ExperimentConfig) -> None:
-    """Stage 1 without a payload (``dadda-synthesis=dam-only`` needs no server models): every
-    site runs DAM and caches its pairs (RuntimeError naming the nodes that failed)."""
-    content = RecordDict({"config": ConfigRecord({"send-upload": False})})
-    failed = [f"node {r.metadata.src_node_id}: {r.error.reason}"
-              for r in _broadcast(grid, nodes, UPLOAD, content, cfg) if r.has_error()]
-    if failed:
-        raise RuntimeError("stage 1 (DAM) failed on " + "; ".join(failed))
-
-
-def collect_uploads(grid: Grid, nodes: list[int], cfg: ExperimentConfig, audit: PrivacyAudit,
-                    num_classes: int) -> list[ServerUpload]:
-    """Stage 1: the accepted uploads (refused or failed ones are audited, logged, left out)."""
-    accepted = []
-    content = RecordDict({"config": ConfigRecord({"send-upload": True})})
-    for reply in _broadcast(grid, nodes, UPLOAD, content, cfg):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.error("node %s: no upload (site error: %s)", node, reply.error.reason)
-            audit.record(node=node, kind="upload", upload=None, accepted=False,
-                         reason=f"site error: {reply.error.reason}")
-            continue
-        upload = receive_upload(reply.content, node=node, audit=audit, num_classes=num_classes)
-        if upload is not None:
-            accepted.append(upload)
-    log.info("stage 1: %d of %d uploads accepted", len(accepted), len(nodes))
-    return accepted
-
-
-def train_generators(uploads: list[ServerUpload], settings: DADDASettings, num_types: int,
-                     seed: int) -> tuple[DiffusionUNet, DiffusionUNet, dict[str, float]]:
-    """Stage 2: G^I on the uploads' normal images, G^M on their masks by defect class.
-
-    Returns the EMA models and statistics (sizes, losses, seconds)."""
-    images = np.concatenate([u.normal_images for u in uploads])
-    masks = np.concatenate([u.masks for u in uploads])
-    classes = np.concatenate([u.mask_classes for u in uploads]) - 1  # 0 is "good"
-    size = settings.dadda_diffusion_size
-    if not len(images) or not len(masks):
-        raise RuntimeError(f"stage 2: accepted uploads hold {len(images)} normal images and "
-                           f"{len(masks)} masks; both models need at least one")
-    if images.shape[2:] != (size, size) or masks.shape[1:] != (size, size):
-        raise RuntimeError(f"stage 2: uploads of {images.shape[2:]} / {masks.shape[1:]} px, "
-                           f"dadda-diffusion-size={size}")
-    image_model, image_stats = train_diffusion(
-        DiffusionUNet(**settings.unet_kwargs(3)), torch.from_numpy(images) * 2 - 1,
-        settings=settings, iterations=settings.dadda_train_iterations, seed=seed, name="G^I")
-    mask_model, mask_stats = train_diffusion(
-        DiffusionUNet(**settings.unet_kwargs(1, num_classes=num_types)),
-        torch.from_numpy(masks).float()[:, None] * 2 - 1, settings=settings,
-        iterations=settings.dadda_train_iterations, seed=seed + 1,
-        classes=torch.from_numpy(classes), name="G^M")
-    stats = {"normal_images": len(images), "masks": len(masks),
-             "image_model_loss": image_stats["loss"], "mask_model_loss": mask_stats["loss"],
-             "image_model_seconds": image_stats["seconds"],
-             "mask_model_seconds": mask_stats["seconds"]}
-    log.info("stage 2: %s", stats)
-    return image_model, mask_model, stats
-
-
-def synthesize_on_sites(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
-                        models: RecordDict, preview_dir: Path) -> pd.DataFrame:
-    """Stage 3 on every site; a table of the sites' counts and timings (RuntimeError naming
-    the nodes whose synthesis failed: they could not train the detector)."""
-    models["config"] = ConfigRecord({"preview-dir": str(preview_dir)})
+def _query(run: ServerRun, query: Query, content: RecordDict,
+           required: bool = True) -> list[dict]:
+    """Send ``query`` to every site and audit the replies (their metrics only cross); the
+    replies' metrics by node. With ``required``, RuntimeError naming the nodes that failed
+    (they could not go on to the next stage); otherwise failed nodes are left out."""
     rows, failed = [], []
-    for reply in _broadcast(grid, nodes, SYNTHESIZE, models, cfg):
+    for reply in run.broadcast(query.message, content):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            failed.append(f"node {node}: {reply.error.reason}")
-            continue
-        rows.append({"node": node, **dict(reply.content["metrics"])})
-    if failed:
-        raise RuntimeError("stage 3 failed on " + "; ".join(failed))
-    return pd.DataFrame(rows)
+        error = reply.error.reason if reply.has_error() else ""
+        run.audit.append(audit_row(server_round=0, node=node, kind=query.kind,
+                                   accepted=not error, reason=error and f"site error: {error}",
+                                   arrays=message_arrays(reply)))
+        if error:
+            failed.append(f"node {node}: {error}")
+        else:
+            rows.append({"node": node, **dict(reply.content["metrics"])})
+    if failed and required:
+        raise RuntimeError(f"{query.message} failed on " + "; ".join(failed))
+    return rows
 
 
-def generate_pairs(grid: Grid, nodes: list[int], cfg: ExperimentConfig,
-                   upload_classes: int, root: Path, seconds: dict[str, float]
-                   ) -> tuple[list[ServerUpload], dict[str, float]]:
-    """Stages 1-3 (DAM and uploads, the server's generators, synthesis on the sites); stage
-    times go into ``seconds``; ``upload_classes`` is the number of mask classes an upload may
-    carry ("good" included). Returns the accepted uploads and the generators' statistics."""
-    settings = cfg.section(DADDASettings)
+def sites_hold_pairs(run: ServerRun) -> bool:
+    """True when every site already holds synthetic pairs for the run's synthesis settings
+    (a previous run that differed only in the detector or the federated stage)."""
+    rows = _query(run, CACHED, RecordDict(), required=False)
+    return len(rows) == len(run.nodes) and all(int(r["cached"]) == 1 for r in rows)
+
+
+def upload_stage(run: ServerRun) -> tuple[DADDAUploadStrategy, ArrayRecord | None]:
+    """The stages 1-2 strategy, and the generators when a resumed run finished stage 2 (its
+    stage checkpoint restores the strategy's state too); None otherwise."""
+    strategy = DADDAUploadStrategy(run.cfg.section(DADDASettings), len(defect_types_of(run.cfg)),
+                                   len(run.data.defect_types), run.cfg.seed)
+    saved = run.load_stage(GENERATORS)
+    if saved is None:
+        return strategy, None
+    strategy.load_state_dict(saved["strategy"])
+    return strategy, ArrayRecord(saved["arrays"])
+
+
+def train_generators_on_uploads(run: ServerRun, strategy: DADDAUploadStrategy) -> ArrayRecord:
+    """Stages 1-2: ``strategy`` behind the reply guard for one round; the generators, saved as
+    the stage checkpoint."""
+    guarded = GuardedStrategy(strategy, min_replies=1)
+    guarded.audit = run.audit
+    result = guarded.start(grid=run.grid, initial_arrays=ArrayRecord(), num_rounds=1,
+                           timeout=run.cfg.round_timeout)
+    if not result.arrays.keys():
+        raise RuntimeError(f"stage 2: every upload was refused (see {run.audit.path})")
+    run.save_stage(GENERATORS, {"arrays": result.arrays.to_torch_state_dict(),
+                                "strategy": strategy.state_dict()})
+    return result.arrays
+
+
+def generate_pairs(run: ServerRun, strategy: DADDAUploadStrategy | None,
+                   generators: ArrayRecord | None, seconds: dict[str, float]) -> None:
+    """Stages 1-3 (DAM and uploads, the server's generators unless ``generators`` were
+    restored, synthesis on the sites); stage times go into ``seconds``. ``strategy`` is None
+    for ``dam-only``."""
     start = time.perf_counter()
-    uploads: list[ServerUpload] = []
-    models = RecordDict()
-    generator_stats: dict[str, float] = {}
-    if settings.dadda_synthesis == "dam-only":
-        run_dam_only(grid, nodes, cfg)
+    content = RecordDict()
+    if strategy is None:
+        _query(run, UPLOAD, RecordDict({"config": ConfigRecord({SEND_UPLOAD: False})}))
         seconds["stage1_dam"] = time.perf_counter() - start
+    elif generators is not None:
+        content[GENERATORS] = generators
     else:
-        uploads = collect_uploads(grid, nodes, cfg, PrivacyAudit(root / "privacy_audit.jsonl"),
-                                  upload_classes)
-        seconds["stage1_dam_upload"] = time.perf_counter() - start
-        if not uploads:
-            raise RuntimeError("stage 2: every upload was refused (see privacy_audit.jsonl)")
-        start = time.perf_counter()
-        image_model, mask_model, generator_stats = train_generators(
-            uploads, settings, len(defect_types_of(cfg)), cfg.seed)
-        models["image-model"] = ArrayRecord(image_model.state_dict())
-        models["mask-model"] = ArrayRecord(mask_model.state_dict())
-        seconds["stage2_generators"] = time.perf_counter() - start
+        content[GENERATORS] = train_generators_on_uploads(run, strategy)
+        training = (strategy.generator_stats["image_model_seconds"]
+                    + strategy.generator_stats["mask_model_seconds"])
+        seconds["stage1_dam_upload"] = time.perf_counter() - start - training
+        seconds["stage2_generators"] = training
     start = time.perf_counter()
-    sites = synthesize_on_sites(grid, nodes, cfg, models, root)
-    sites.to_csv(root / "synthesis.csv", index=False)
+    content["config"] = ConfigRecord({PREVIEW_DIR: str(run.root)})
+    pd.DataFrame(_query(run, SYNTHESIZE, content)).to_csv(run.root / "synthesis.csv",
+                                                          index=False)
     seconds["stage3_synthesis"] = time.perf_counter() - start
-    return uploads, generator_stats
 
 
 def run_dadda(grid: Grid, cfg: ExperimentConfig) -> dict:
     """All D-ADDA stages for ``cfg``; writes the results folder and returns the summary."""
     settings = cfg.section(DADDASettings)
-    root = cfg.resolved_results_dir()
-    cfg = cfg.replace(results_dir=str(root))  # one folder for every stage
-    root.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    nodes = sorted(wait_for_nodes(grid, cfg.min_train_nodes))
-    data = prepare_data(cfg, len(nodes))
+    run = ServerRun(grid, cfg)
     seconds: dict[str, float] = {}
-
-    uploads: list[ServerUpload] = []
-    generator_stats: dict[str, float] = {}
+    strategy, generators = (None, None) if settings.dadda_synthesis == "dam-only" \
+        else upload_stage(run)
     start = time.perf_counter()
-    if settings.dadda_reuse_cache and sites_hold_pairs(grid, nodes, cfg):
+    if settings.dadda_reuse_cache and sites_hold_pairs(run):
         log.info("stages 1-3 skipped: every site holds synthetic pairs for these synthesis "
                  "settings (dadda-reuse-cache=false regenerates them)")
         seconds["stages1_3_reused"] = time.perf_counter() - start
     else:
-        uploads, generator_stats = generate_pairs(grid, nodes, cfg, len(data.defect_types),
-                                                  root, seconds)
+        generate_pairs(run, strategy, generators, seconds)
 
     start = time.perf_counter()
-    summary = run_federated(grid, cfg)
+    train_global_model(run, class_accuracy_metrics(build_detector(cfg), run.test_samples(), cfg))
     seconds["stage4_federated"] = time.perf_counter() - start
-    test = data.samples(-1, "test")
-    rounds = accuracy_per_round(root, build_detector(cfg), test, cfg)
-    protocol = write_tables(root, cfg, settings.dadda_synthesis, len(nodes), rounds)
+    final = write_tables(run.root, cfg, settings.dadda_synthesis, len(run.nodes),
+                         pd.read_csv(run.root / "rounds.csv"))
     pd.DataFrame([{"stage": k, "seconds": round(v, 2)} for k, v in seconds.items()]).to_csv(
-        root / "stages.csv", index=False)
+        run.root / "stages.csv", index=False)
     log.info("D-ADDA stages (s): %s | class accuracy U-Pro %.3f F-Pro %.3f", seconds,
-             protocol["u_pro"], protocol["f_pro"])
-    return {**summary, "stage_seconds": seconds, "generators": generator_stats,
-            "uploads_accepted": len(uploads), "class_accuracy": protocol}
+             final["class_accuracy_u_pro"], final["class_accuracy"])
+    return run.finish({
+        "stage_seconds": seconds,
+        "generators": strategy.generator_stats if strategy else {},
+        "uploads_accepted": strategy.accepted if strategy else 0}, final)

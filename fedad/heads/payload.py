@@ -9,7 +9,6 @@ patch features and images never do: no kind has an array with one row per patch 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,18 +47,6 @@ class Payload:
             "meta": ConfigRecord({"kind": self.kind}),
             "metrics": MetricRecord({"num-examples": int(self.count)}),
         })
-
-    def shapes(self) -> dict[str, list[int]]:
-        """Array shapes, for the log of what crossed."""
-        return {k: list(v.shape) for k, v in self.arrays.items()}
-
-    def digest(self) -> str:
-        """Short SHA-256 of the arrays, for the log of what crossed."""
-        digest = hashlib.sha256()
-        for key in sorted(self.arrays):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(self.arrays[key]).tobytes())
-        return digest.hexdigest()[:16]
 
 
 def check_moments(payload: Payload) -> None:

@@ -22,6 +22,7 @@ from fedad.heads.scoring import (
     score_moments,
 )
 from fedad.heads.whitening import Whitening, feature_moments, whiten
+from fedad.payloads import digest
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def normal_maps(cfg: ExperimentConfig, partition_id: int, num_partitions: int, r
     patches = normal_patches(cfg, partition_id, num_partitions, role)
     if patches is None:
         return None
-    scored_by = (global_head.digest(), None if whitening is None else whitening.digest())
+    scored_by = (digest(global_head.arrays),
+                 None if whitening is None else digest(vars(whitening)))
     key = (cfg, partition_id, num_partitions, role, scored_by)
     if key not in _NORMAL_MAPS:
         for stale in [k for k in _NORMAL_MAPS if k[-1] != scored_by]:

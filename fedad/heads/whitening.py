@@ -14,7 +14,6 @@ variance) so that directions with almost no normal variance are not blown up.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +67,6 @@ class Whitening:
             raise ValueError(f"whitening of width {len(mean)} applied to features "
                              f"{list(features.shape)}")
         return (features.float() - mean) @ matrix
-
-    def digest(self) -> str:
-        """Short SHA-256 of the mean and matrix (which whitening a result was computed under)."""
-        return hashlib.sha256(np.ascontiguousarray(self.mean).tobytes()
-                              + np.ascontiguousarray(self.matrix).tobytes()).hexdigest()[:16]
 
     def add_to(self, content: RecordDict) -> RecordDict:
         """``content`` with the whitening as its ``whitening`` array record."""

@@ -1,5 +1,6 @@
 """Server workflow of the feature heads: fit/refine rounds over Flower messages, checked
-payloads, merge, calibration, global evaluation on the test split, results folder.
+payloads, merge, calibration, global evaluation on the test split, on the
+:class:`fedad.server_run.ServerRun` skeleton.
 
 With ``feature-whitening`` (default), a first exchange asks every site for the moments of its
 normal patch features and pools them into the global whitening, which every later message
@@ -9,8 +10,9 @@ each round, with ``map-baseline`` (default), the sites send the mean anomaly map
 images under the new global head, from which the server takes the border artefact that every
 map is scored against (:func:`fedad.heads.scoring.map_baseline`); then they send score
 moments for calibration. Every payload is checked (kind, names, shapes, finiteness, count)
-before use; a refused or failed reply is logged and left out. What crossed (node, round, kind,
-shapes, digest, accepted, reason) is written to ``payloads.jsonl``.
+before use; a refused or failed reply is logged and left out; every reply is a row of the run's
+audit log. Each round's checkpoint holds the global head, the whitening, the map baseline and
+the calibration, so a killed run resumes after its last finished round.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.experiment import prepare_data
-from fedad.federation import wait_for_nodes
 from fedad.heads.base import FeatureHead
 from fedad.heads.payload import Payload, PayloadError, attach_arrays, payload_from_record
+from fedad.heads.protocol import (
+    FEATURE_MOMENTS,
+    NORMAL_MAP,
+    SCORE_MOMENTS,
+    WHITENING_MATRIX,
+    WHITENING_MEAN,
+)
 from fedad.heads.registry import extractor_for, head_for, head_settings
 from fedad.heads.scoring import (
     BASELINE_RECORD,
@@ -40,32 +47,25 @@ from fedad.heads.scoring import (
 )
 from fedad.heads.whitening import Whitening
 from fedad.metrics import anomaly_metrics
-from fedad.payloads import check_metrics
-from fedad.results import ResultsWriter
-from fedad.seeding import seed_everything
+from fedad.payloads import SERVER_ROUND, audit_row, check_metrics
+from fedad.server_run import ServerRun
 from fedad.train.predictions import Predictions
 
 log = logging.getLogger(__name__)
 
 
 class HeadRound:
-    """One round's exchange with the sites, and the log of everything that crossed."""
+    """One round's exchange with the sites through the run's broadcast and audit log."""
 
-    def __init__(self, grid: Grid, nodes: list[int], cfg: ExperimentConfig,
-                 head: FeatureHead) -> None:
-        self.grid, self.nodes, self.cfg, self.head = grid, nodes, cfg, head
-        self.crossings: list[dict] = []
+    def __init__(self, run: ServerRun, head: FeatureHead) -> None:
+        self.run, self.cfg, self.head = run, run.cfg, head
         self.whitening: Whitening | None = None
 
     def _send(self, message_type: str, content: RecordDict, server_round: int) -> list[Message]:
-        content["config"] = ConfigRecord({"server-round": server_round})
+        content["config"] = ConfigRecord({SERVER_ROUND: server_round})
         if self.whitening is not None:
             self.whitening.add_to(content)
-        messages = [self.grid.create_message(RecordDict(dict(content.items())), message_type,
-                                             node, str(server_round))
-                    for node in self.nodes]
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        return sorted(replies, key=lambda m: m.metadata.src_node_id)
+        return self.run.broadcast(message_type, content, server_round)
 
     def collect(self, server_round: int, global_head: Payload | None) -> list[Payload]:
         """Send ``train`` (with the global head from round 2 on); the accepted payloads."""
@@ -75,15 +75,16 @@ class HeadRound:
 
     def agree_whitening(self) -> Whitening:
         """The global whitening from the sites' feature moments (logged as round 0)."""
-        payloads = self._accepted("query.feature_moments", RecordDict(), "feature-moments", 0)
+        payloads = self._accepted(FEATURE_MOMENTS.message, RecordDict(), FEATURE_MOMENTS.kind, 0)
         if not payloads:
             raise RuntimeError("whitening: no site sent usable feature moments")
         self.whitening = Whitening.from_moments(payloads)
+        log.info("whitening agreed from %d sites' feature moments", len(payloads))
         return self.whitening
 
     def agree_baseline(self, server_round: int, global_head: Payload) -> np.ndarray:
         """The map baseline [S, S] from the sites' normal maps under ``global_head``."""
-        payloads = self._accepted("query.normal_map", global_head.to_record(), "normal-map",
+        payloads = self._accepted(NORMAL_MAP.message, global_head.to_record(), NORMAL_MAP.kind,
                                   server_round)
         if not payloads:
             raise RuntimeError(f"round {server_round}: no site sent a usable normal map")
@@ -94,7 +95,8 @@ class HeadRound:
         """Send ``content`` to every site; their replies of ``kind`` that pass the checks."""
         accepted = []
         for reply in self._send(message_type, content, server_round):
-            row = {"round": server_round, "node": reply.metadata.src_node_id, "kind": kind}
+            row = {"server_round": server_round, "node": reply.metadata.src_node_id,
+                   "kind": kind}
             if reply.has_error():
                 row.update(accepted=False, reason=f"site error: {reply.error.reason}")
             elif ("head" not in reply.content.array_records
@@ -109,12 +111,11 @@ class HeadRound:
                     row.update(accepted=False, reason=str(err))
                 else:
                     accepted.append(payload)
-                    row.update(accepted=True, count=payload.count, shapes=payload.shapes(),
-                               digest=payload.digest())
+                    row.update(accepted=True, arrays=payload.arrays, count=payload.count)
             if not row["accepted"]:
                 log.warning("round %d: refused node %s: %s", server_round, row["node"],
                             row["reason"])
-            self.crossings.append(row)
+            self.run.audit.append(audit_row(**row))
         return accepted
 
     def calibrate(self, server_round: int, global_head: Payload,
@@ -126,15 +127,15 @@ class HeadRound:
             attach_arrays(content, BASELINE_RECORD, {"mean": baseline})
         moments = []
         for reply in self._send("evaluate", content, server_round):
-            row = {"round": server_round, "node": reply.metadata.src_node_id,
-                   "kind": "score-moments"}
             record = None if reply.has_error() else reply.content.metric_records.get("metrics")
             reason = ("site error" if record is None else check_metrics(record)
                       or (None if record.get("count", 0) > 0 else "no normal images"))
-            row.update(accepted=reason is None, reason=reason or "")
             if reason is None:
                 moments.append(dict(record))
-            self.crossings.append(row)
+            self.run.audit.append(audit_row(
+                server_round=server_round, node=reply.metadata.src_node_id, kind=SCORE_MOMENTS,
+                accepted=reason is None, reason=reason or "",
+                count=None if record is None else int(record.get("count", 0))))
         if not moments:
             raise RuntimeError(f"round {server_round}: no site reported score moments")
         return ScoreScale.from_moments(moments)
@@ -157,37 +158,58 @@ def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: Sc
     return anomaly_metrics(test.labels, raw_scores, test.masks, maps), predictions
 
 
+def _round_state(global_head: Payload, whitening: Whitening | None,
+                 baseline: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """The checkpoint of a round: the global head's arrays, the whitening and map baseline."""
+    state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
+    if whitening is not None:
+        state[WHITENING_MEAN] = torch.from_numpy(whitening.mean.copy())
+        state[WHITENING_MATRIX] = torch.from_numpy(whitening.matrix.copy())
+    if baseline is not None:
+        state["map_baseline"] = torch.from_numpy(baseline)
+    return state
+
+
+def _restore(state: dict[str, torch.Tensor], strategy_state: dict
+             ) -> tuple[Payload, Whitening | None]:
+    """The global head and whitening of a checkpoint written with :func:`_round_state`."""
+    arrays = {k: v.numpy() for k, v in state.items()}
+    arrays.pop("map_baseline", None)
+    whitening = None
+    if WHITENING_MEAN in arrays:
+        whitening = Whitening(arrays.pop(WHITENING_MEAN), arrays.pop(WHITENING_MATRIX))
+    return Payload(strategy_state["kind"], arrays, int(strategy_state["count"])), whitening
+
+
 def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Run ``cfg.num_server_rounds`` rounds of a feature head; returns the summary."""
     settings = head_settings(cfg)
     if settings.bank_clustering == "coreset":
         raise ConfigError("bank-clustering='coreset' sends patch features (its prototypes are "
                           "patches): a centralized baseline only (bench/heads.py)")
-    results = ResultsWriter(cfg.resolved_results_dir())
-    seed_everything(cfg.seed)
-    nodes = sorted(wait_for_nodes(grid, cfg.min_train_nodes))
-    data = prepare_data(cfg, len(nodes))
-    results.write_setup(cfg, data.manifest)
-    test_samples = data.samples(-1, "test")
+    run = ServerRun(grid, cfg)
+    test_samples = run.test_samples()
     if settings.target_category:
-        if settings.target_category not in data.categories:
+        if settings.target_category not in run.data.categories:
             raise ConfigError(f"target-category={settings.target_category!r}: not among the "
-                              f"run's categories {data.categories}")
+                              f"run's categories {run.data.categories}")
         test_samples = [s for s in test_samples if s.category == settings.target_category]
     started = time.perf_counter()
-    test = extract_patches(extractor_for(cfg), test_samples, cfg.image_size, data.defect_types)
-    log.info("results: %s | sites: %d | test images: %d (features in %.1f s)", results.root,
-             len(nodes), len(test_samples), time.perf_counter() - started)
+    test = extract_patches(extractor_for(cfg), test_samples, cfg.image_size,
+                           run.data.defect_types)
+    log.info("results: %s | sites: %d | test images: %d (features in %.1f s)", run.root,
+             len(run.nodes), len(test_samples), time.perf_counter() - started)
     head = head_for(cfg)
-    exchange = HeadRound(grid, nodes, cfg, head)
-    whitening = exchange.agree_whitening() if settings.feature_whitening else None
-    if whitening is not None:
-        log.info("whitening agreed from %d sites' feature moments",
-                 sum(1 for c in exchange.crossings if c["accepted"]))
+    exchange = HeadRound(run, head)
     global_head: Payload | None = None
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    done, state, strategy_state = run.resume_point()
+    if done:
+        global_head, exchange.whitening = _restore(state, strategy_state)
+    elif settings.feature_whitening:
+        exchange.agree_whitening()
+    for server_round in range(done + 1, cfg.num_server_rounds + 1):
         payloads = exchange.collect(server_round, global_head)
-        if len(payloads) < min(cfg.min_train_nodes, len(nodes)):
+        if len(payloads) < min(cfg.min_train_nodes, len(run.nodes)):
             log.error("round %d: %d usable replies < min-train-nodes=%d; round skipped",
                       server_round, len(payloads), cfg.min_train_nodes)
             continue
@@ -197,19 +219,11 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
                     if settings.map_baseline else None)
         scale = exchange.calibrate(server_round, global_head, baseline)
         metrics, predictions = evaluate_head(head, global_head, test, scale, cfg, baseline,
-                                             whitening)
-        state = {k: torch.from_numpy(v.copy()) for k, v in global_head.arrays.items()}
-        if baseline is not None:
-            state["map_baseline"] = torch.from_numpy(baseline)
-        results.record_round(server_round, {**metrics, "train_sites": float(len(payloads))},
-                             state, {"scale": vars(scale), "kind": global_head.kind})
-        results.write_scores(predictions, data.defect_types)
-        if cfg.plot_every_round or server_round == cfg.num_server_rounds:
-            results.plot(server_round, predictions)
-        results.write_jsonl("payloads.jsonl", exchange.crossings)
-        log.info("round %d global: %s", server_round,
-                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                                             exchange.whitening)
+        run.record_round(server_round, {**metrics, "train_sites": float(len(payloads))},
+                         _round_state(global_head, exchange.whitening, baseline),
+                         {"scale": vars(scale), "kind": global_head.kind,
+                          "count": global_head.count}, predictions)
     if global_head is None:
         raise RuntimeError("no round produced a global head (see the refused replies above)")
-    return results.write_summary(cfg, len(nodes), {"results_dir": str(results.root),
-                                                   "head": cfg.method})
+    return run.finish({"head": cfg.method})
