@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# A 4-client, 3-round federated MSVT run on the built-in synthetic data (Ray simulation).
+# A 4-client, 4-round federated MSVT run on the built-in synthetic data (Ray simulation).
 # Exits non-zero unless the run finished with status completed.
 demo: install
 	$(VENV)/bin/fedad simulate --num-supernodes 4 --run-config "$(RUN_CONFIG)"

@@ -5,7 +5,7 @@ G^I of stage 3, at the CPU default and at the paper's scale (configs/dadda_paper
 Random data in the models' range: speed does not depend on the content. Medians of
 ``--repeats`` timings; one torch thread unless OMP_NUM_THREADS says otherwise.
 
-    OMP_NUM_THREADS=1 python bench/diffusion.py            # the table in BENCHMARKS.md
+    OMP_NUM_THREADS=1 python bench/diffusion.py --iterations 5 --images 4 --repeats 3  # BENCHMARKS
 """
 
 from __future__ import annotations

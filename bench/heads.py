@@ -92,7 +92,7 @@ def evaluate(variant: Variant, payload: Payload, sites: list[PatchSet], test: Pa
     any), with the map baseline (map-baseline) and the calibration from the sites' normal
     training images."""
     head = HEADS[variant.method](variant.settings, test.features.shape[1], seed)
-    sigma = variant.settings.map_sigma
+    sigma = variant.settings.sigma(variant.method, image_size)
     site_maps = [anomaly_maps(head, payload, site.features, image_size, sigma,
                               whitening=whitening) for site in sites]
     baseline = site_baseline(variant.settings, site_maps)
@@ -262,7 +262,7 @@ def run_latency(args: argparse.Namespace) -> pd.DataFrame:
         for variant in selected_variants(sites[0].num_patches, args):
             payload = fit(variant, sites, args.seed, 1, whitening)
             head = HEADS[variant.method](variant.settings, extractor.dim, args.seed)
-            sigma = variant.settings.map_sigma
+            sigma = variant.settings.sigma(variant.method, image_size)
             baseline = site_baseline(variant.settings, [anomaly_maps(
                 head, payload, sites[0].features, image_size, sigma, whitening=whitening)])
             images = [torch.from_numpy(test.images[i]).permute(2, 0, 1)[None]

@@ -106,7 +106,8 @@ def validate(root: Path, category: str, image_size: int, points: list[HeadSettin
             payload = head.fit_local(whiten(fit_set, whitening))
             for mapping, by_map in grouped(by_fit, MAP_FIELDS):
                 maps_of = functools.partial(anomaly_maps, head, payload, image_size=image_size,
-                                            sigma=mapping.map_sigma, whitening=whitening)
+                                            sigma=mapping.sigma(method, image_size),
+                                            whitening=whitening)
                 baseline = (map_baseline([normal_map(maps_of(fit_patches.features))])
                             if mapping.map_baseline else 0.0)
                 for extent, (_, masks) in anomalies.items():

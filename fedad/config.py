@@ -39,6 +39,7 @@ SECTIONS: tuple[str, ...] = (
     "fedad.dam.settings:DAMSettings",
     "fedad.privacy:DPSettings",
     "fedad.attacks:AttackSettings",
+    "fedad.models.anomaly_map:MapSettings",
 )
 """Every settings section ("module:Class"), read by :meth:`ExperimentConfig.section`. Their keys
 are found by parsing the modules' source, so a run imports only the sections it uses."""

@@ -162,7 +162,7 @@ def test_a_site_scores_its_normal_images_once_per_global_head(dataset, tmp_path,
     assert len(calls) == 2  # the validation maps of the normal-map message, reused
     val = site.normal_patches(cfg, 0, 2, "val")
     fresh = anomaly_maps(site.head_for(cfg), head, val.features, 64,
-                         site.head_settings(cfg).map_sigma)
+                         site.head_settings(cfg).sigma(cfg.method, cfg.image_size))
     assert moments == pytest.approx(score_moments(fresh, site.head_settings(cfg), baseline))
     assert sent.count == len(fresh) + len(site.normal_patches(cfg, 0, 2, "train").labels)
     site.calibration_moments(cfg, 0, 2, other)  # another head: scored again

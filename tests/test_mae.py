@@ -13,6 +13,7 @@ from fedad.inprocess import run_in_process
 from fedad.mae.model import MaskedAutoencoder, block_mask
 from fedad.mae.training import (
     MAE_RECIPE,
+    map_sigma,
     reconstruction_errors,
     split_holdout,
     threshold_f1,
@@ -112,7 +113,7 @@ def test_fit_calibrates_thresholds_on_held_out_normals_and_predicts(tmp_path):
     metrics = MAE_RECIPE.fit(model, samples, cfg, seed=0, server_round=1)
     assert metrics["pretraining"] == 1.0 and "train_ssim" in metrics
     assert metrics["num-examples"] == len(train)
-    maps, scores, _ = reconstruction_errors(model, holdout, 64)
+    maps, scores, _ = reconstruction_errors(model, holdout, 64, map_sigma(cfg))
     assert float(model.pixel_threshold) == pytest.approx(np.quantile(maps, 0.99), rel=1e-5)
     assert float(model.image_threshold) == pytest.approx(np.quantile(scores, 0.99), rel=1e-5)
     finetune = MAE_RECIPE.fit(model, samples, cfg, seed=1, server_round=2)

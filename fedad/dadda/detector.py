@@ -37,7 +37,7 @@ from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs
 from fedad.data import AnomalyDataset, Sample, list_categories, scan_category
 from fedad.experiment import resolve_categories, resolve_root
-from fedad.models.anomaly_map import method_sigma, smooth_maps
+from fedad.models.anomaly_map import MapSettings, smooth_maps
 from fedad.models.backbones import create_classifier
 from fedad.models.localizer import UNetLocalizer
 from fedad.task import ModelRecipe
@@ -318,14 +318,15 @@ def _batched(function, *tensors: torch.Tensor, batch_size: int = 32) -> np.ndarr
 
 def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
                      defect_types: Sequence[str] | None = None) -> Predictions:
-    """Maps (sigmoid, Gaussian-smoothed with sigma 2 px at 128 px) and image scores (map
-    maximum) of ``samples``; 0.5 is the decision threshold."""
+    """Maps (sigmoid, Gaussian-smoothed, ``map-sigma``: by default 2 px at 128 px) and image
+    scores (map maximum) of ``samples``; 0.5 is the decision threshold."""
     dataset = AnomalyDataset(samples, cfg.image_size, defect_types=defect_types)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items])
     model.eval()
     maps = _batched(lambda x: torch.sigmoid(model.localizer(x))[:, 0], images)
-    maps = smooth_maps(maps, method_sigma("dadda", cfg.image_size)).astype(np.float32)
+    sigma = cfg.section(MapSettings).sigma("dadda", cfg.image_size)
+    maps = smooth_maps(maps, sigma).astype(np.float32)
     return Predictions(
         labels=np.array([int(item["label"]) for item in items]),
         defect_classes=np.array([int(item["defect_class"]) for item in items]),

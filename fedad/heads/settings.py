@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fedad.heads.features import PHOTOMETRIC
+from fedad.models.anomaly_map import MapSettings
 
 Number = TypeVar("Number", int, float)
 CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
@@ -26,7 +27,7 @@ COVARIANCES = ("full", "diag")
 
 
 @dataclass(frozen=True)
-class HeadSettings:
+class HeadSettings(MapSettings):
     """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
 
     feature_source: str = "lite0"
@@ -67,8 +68,6 @@ class HeadSettings:
     """Training epochs of the flow head."""
     flow_lr: float = 1e-3
     """Learning rate of the flow head."""
-    map_sigma: float = 2.0
-    """Gaussian smoothing of the upsampled anomaly map, pixels."""
     map_baseline: bool = True
     """Subtract the normal maps' border artefact (fedad.heads.scoring)."""
     image_score: str = "max"
@@ -79,6 +78,7 @@ class HeadSettings:
     """by-category: evaluate on it, fit on the other categories only."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
             "feature-photometric": (self.feature_photometric in PHOTOMETRIC,
                                     f"one of {PHOTOMETRIC}"),
@@ -94,7 +94,6 @@ class HeadSettings:
             "flow-epochs": (self.flow_epochs >= 1, ">= 1"),
             "flow-lr": (self.flow_lr > 0, "> 0"),
             "sinkhorn-epsilon": (self.sinkhorn_epsilon > 0, "> 0"),
-            "map-sigma": (self.map_sigma >= 0, ">= 0"),
             "topk-fraction": (0 < self.topk_fraction <= 1, "in (0, 1]"),
         }
         for key, (ok, expected) in checks.items():

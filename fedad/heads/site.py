@@ -89,7 +89,8 @@ def normal_maps(cfg: ExperimentConfig, partition_id: int, num_partitions: int, r
         for stale in [k for k in _NORMAL_MAPS if k[-1] != scored_by]:
             del _NORMAL_MAPS[stale]
         _NORMAL_MAPS[key] = anomaly_maps(head_for(cfg), global_head, patches.features,
-                                         cfg.image_size, head_settings(cfg).map_sigma,
+                                         cfg.image_size,
+                                         head_settings(cfg).sigma(cfg.method, cfg.image_size),
                                          whitening=whitening)
     return _NORMAL_MAPS[key]
 

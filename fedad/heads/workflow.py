@@ -147,7 +147,8 @@ def evaluate_head(head: FeatureHead, payload: Payload, test: PatchSet, scale: Sc
     """Metrics (of the raw maps and scores) and calibrated predictions of the global head on the
     test patches (whitened by ``whitening`` if given; maps less ``baseline`` [S, S] if given)."""
     settings = head_settings(cfg)
-    maps = anomaly_maps(head, payload, test.features, cfg.image_size, settings.map_sigma,
+    maps = anomaly_maps(head, payload, test.features, cfg.image_size,
+                        settings.sigma(cfg.method, cfg.image_size),
                         baseline, whitening)
     raw_scores = image_scores(maps, settings)
     calibrated_maps, scores = scale.apply(maps, raw_scores)

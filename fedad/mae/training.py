@@ -30,7 +30,7 @@ from fedad.data import Sample
 from fedad.mae.model import MAEOutput
 from fedad.mae.settings import MAESettings
 from fedad.models import create_model
-from fedad.models.anomaly_map import method_sigma, smooth_maps
+from fedad.models.anomaly_map import MapSettings, smooth_maps
 from fedad.task import ExtraLoss, ModelRecipe
 from fedad.train.loop import make_loader, train_loop
 from fedad.train.predictions import Predictions
@@ -51,6 +51,11 @@ def build_mae(cfg: ExperimentConfig) -> nn.Module:
         decoder_dim=s.mae_decoder_dim, decoder_depth=s.mae_decoder_depth,
         decoder_heads=s.mae_decoder_heads, norm=s.mae_norm, mask_ratio=s.mae_mask_ratio,
     )
+
+
+def map_sigma(cfg: ExperimentConfig) -> float:
+    """The MAE's map sigma in pixels (``map-sigma``)."""
+    return cfg.section(MapSettings).sigma("mae", cfg.image_size)
 
 
 def reconstruction_loss(output: MAEOutput, images: torch.Tensor, ssim_weight: float
@@ -118,7 +123,8 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
                         max_batches=cfg.max_train_batches, extra_loss=extra_loss, name="mae")
     if not holdout:
         log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
-    calibrate_thresholds(model, holdout or train, cfg.image_size, s.mae_threshold_quantile)
+    calibrate_thresholds(model, holdout or train, cfg.image_size, map_sigma(cfg),
+                         s.mae_threshold_quantile)
     result.update({
         "num-examples": len(train), "train_seconds": time.perf_counter() - start,
         "pixel_threshold": float(model.pixel_threshold), "pretraining": float(pretraining),
@@ -129,9 +135,11 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
 
 @torch.no_grad()
 def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_size: int,
-                          defect_types: Sequence[str] | None = None, batch_size: int = 16
+                          sigma: float, defect_types: Sequence[str] | None = None,
+                          batch_size: int = 16
                           ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Raw anomaly maps and image scores of the full (unmasked) images.
+    """Raw anomaly maps (smoothed with ``sigma`` pixels) and image scores of the full
+    (unmasked) images.
 
     Returns:
         maps [N, H, W] (smoothed squared error, mean over RGB), scores [N] (map maxima), and
@@ -140,7 +148,6 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
     if not samples:
         raise ValueError("mae: no samples to reconstruct")
     model.eval()
-    sigma = method_sigma("mae", image_size)
     loader = make_loader(samples, image_size, batch_size, shuffle=False,
                          defect_types=defect_types)
     parts: dict[str, list[np.ndarray]] = {
@@ -161,10 +168,10 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
 
 
 def calibrate_thresholds(model: nn.Module, normal: Sequence[Sample], image_size: int,
-                         quantile: float) -> None:
+                         sigma: float, quantile: float) -> None:
     """Set ``model.pixel_threshold`` / ``image_threshold`` to the ``quantile`` of the raw pixel
     errors / image scores of ``normal`` images (which the model was not trained on)."""
-    maps, scores, _ = reconstruction_errors(model, normal, image_size)
+    maps, scores, _ = reconstruction_errors(model, normal, image_size, sigma)
     model.pixel_threshold.fill_(max(float(np.quantile(maps, quantile)), 1e-12))
     model.image_threshold.fill_(max(float(np.quantile(scores, quantile)), 1e-12))
 
@@ -180,8 +187,8 @@ def predict_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConf
                 defect_types: Sequence[str] | None = None) -> Predictions:
     """Predictions of the calibrated MAE on ``samples`` (maps and scores in [0, 1], 0.5 at the
     model's thresholds)."""
-    maps, scores, rest = reconstruction_errors(model, samples, cfg.image_size, defect_types,
-                                               batch_size=max(cfg.batch_size, 16))
+    maps, scores, rest = reconstruction_errors(model, samples, cfg.image_size, map_sigma(cfg),
+                                               defect_types, batch_size=max(cfg.batch_size, 16))
     return Predictions(
         maps=to_unit_interval(maps, float(model.pixel_threshold)),
         image_scores=to_unit_interval(scores, float(model.image_threshold)), **rest,

@@ -21,7 +21,7 @@ from torch import nn
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
 from fedad.models import create_model
-from fedad.models.anomaly_map import method_sigma, smooth_maps
+from fedad.models.anomaly_map import MapSettings, smooth_maps
 from fedad.msvt.model import MSVTOutput
 from fedad.task import ModelRecipe
 from fedad.train.loop import make_loader, train_loop
@@ -110,17 +110,15 @@ def _with_synthetic_anomalies(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, samples: Sequence[Sample], image_size: int,
+def predict(model: nn.Module, samples: Sequence[Sample], image_size: int, sigma: float,
             defect_types: Sequence[str] | None = None, batch_size: int = 32) -> Predictions:
     """Anomaly maps and image scores of ``model`` on ``samples``.
 
-    Maps are sigmoid probabilities smoothed by a Gaussian (``msvt``'s sigma, see
-    :mod:`fedad.models.anomaly_map`);
-    the image score is the mean of the image head's probability and the map's maximum.
+    Maps are sigmoid probabilities smoothed by a Gaussian of ``sigma`` pixels; the image score
+    is the mean of the image head's probability and the map's maximum.
     """
     model.eval()
     loader = make_loader(samples, image_size, batch_size, shuffle=False, defect_types=defect_types)
-    sigma = method_sigma("msvt", image_size)
     parts: defaultdict[str, list[np.ndarray]] = defaultdict(list)
     for batch in loader:
         output = model(batch["image"])
@@ -152,8 +150,10 @@ def fit_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
 
 def predict_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
                  defect_types: Sequence[str] | None = None) -> Predictions:
-    """:func:`predict` with the config's image size and an evaluation batch size."""
-    return predict(model, samples, cfg.image_size, defect_types=defect_types,
+    """:func:`predict` with the config's image size and map sigma, and an evaluation batch
+    size."""
+    sigma = cfg.section(MapSettings).sigma("msvt", cfg.image_size)
+    return predict(model, samples, cfg.image_size, sigma, defect_types=defect_types,
                    batch_size=max(cfg.batch_size, 16))
 
 
