@@ -19,6 +19,7 @@ from torch import nn
 
 from fedad.heads.base import FeatureHead, check_features
 from fedad.heads.payload import Payload
+from fedad.train.loop import train_loop
 
 SCALE_CLAMP = 2.0
 BATCH_SIZE = 256
@@ -132,18 +133,22 @@ class FlowHead(FeatureHead):
         return flow
 
     def _train(self, flow: PatchFlow, features: torch.Tensor) -> Payload:
-        """``flow-epochs`` epochs of maximum likelihood (Adam), seeded shuffling."""
+        """``flow-epochs`` epochs of maximum likelihood (Adam, no gradient clipping), seeded
+        shuffling, through the one training loop."""
         optimiser = torch.optim.Adam(flow.couplings.parameters(), lr=self.settings.flow_lr)
         generator = torch.Generator().manual_seed(self.seed)
         flow.train()
-        for _ in range(self.settings.flow_epochs):
-            for batch in torch.randperm(len(features), generator=generator).split(BATCH_SIZE):
-                loss = -flow.log_prob(features[batch]).mean() / self.dim
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError("flow training diverged (non-finite loss); lower flow-lr")
+        epochs = (torch.randperm(len(features), generator=generator).split(BATCH_SIZE)
+                  for _ in range(self.settings.flow_epochs))
+
+        def step(batch: torch.Tensor):
+            return None, None, {"loss": -flow.log_prob(features[batch]).mean() / self.dim}
+
+        try:
+            train_loop(step, epochs, optimiser, list(flow.couplings.parameters()),
+                       clip_norm=None, name="flow training")
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}: the flow diverged; lower flow-lr") from None
         state = OrderedDict((k, v.detach().numpy().copy()) for k, v in flow.state_dict().items())
         return Payload(self.fit_kind, state, len(features))
 

@@ -1,5 +1,5 @@
 """The local optimisation loop of every trainer (MSVT, MAE, D-ADDA's detector and diffusion
-models) and the data loader of the image-level trainers."""
+models, the flow head) and the data loader of the image-level trainers."""
 
 from __future__ import annotations
 
@@ -43,13 +43,16 @@ def train_loop(step: Step, epochs: Iterable[Iterable[Batch]], optimizer: torch.o
                params: Sequence[nn.Parameter], *, max_batches: int = 0,
                extra_loss: ExtraLoss | None = None,
                lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
-               after_step: AfterStep | None = None, name: str = "train") -> dict[str, float]:
+               after_step: AfterStep | None = None, clip_norm: float | None = 1.0,
+               name: str = "train") -> dict[str, float]:
     """For each epoch (an iterable of batches, iterated once), for each batch: ``step``'s loss
     (+ ``extra_loss(output, labels)``), a check that it is finite, backward, gradient clipping
-    of ``params`` at norm 1, optimizer step, then ``lr_schedule.step()`` and ``after_step``.
+    of ``params`` at ``clip_norm``, optimizer step, then ``lr_schedule.step()`` and
+    ``after_step``.
 
     Args:
         max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
+        clip_norm: gradient-norm bound (None: no clipping).
         name: named in the FloatingPointError raised on a non-finite loss.
     Returns:
         the last epoch's mean of every loss term, as ``train_<term>``.
@@ -68,7 +71,8 @@ def train_loop(step: Step, epochs: Iterable[Iterable[Batch]], optimizer: torch.o
                                          f"step {steps + 1}")
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(params, clip_norm)
             optimizer.step()
             if lr_schedule is not None:
                 lr_schedule.step()
