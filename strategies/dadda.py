@@ -76,8 +76,11 @@ class DADDAUploadStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Train G^I / G^M on the replies the guard kept (error replies are skipped)."""
-        uploads = [record_to_upload(reply.content) for reply in replies if not reply.has_error()]
+        """Train G^I / G^M on the replies the guard kept (error replies are skipped), taken in
+        node-id order so that the generators do not depend on the order of arrival."""
+        kept = sorted((r for r in replies if not r.has_error()),
+                      key=lambda reply: reply.metadata.src_node_id)
+        uploads = [record_to_upload(reply.content) for reply in kept]
         self.accepted = len(uploads)
         log.info("stage 1: %d uploads accepted", self.accepted)
         if not uploads:
