@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Error, Message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -150,3 +151,20 @@ def test_no_generators_when_every_upload_is_refused(site, monkeypatch):
     assert not trained_on and strategy.accepted == 0
     assert not list(result.arrays.keys())
     assert [row["accepted"] for row in guarded.audit.rows] == [False, False]
+
+
+def test_the_generators_do_not_depend_on_the_order_of_the_replies(site):
+    honest = build_upload(site, SIZE, TYPES)
+    other = dataclasses.replace(honest, normal_images=honest.normal_images[:2],
+                                image_labels=honest.image_labels[:2])
+    grid = UploadGrid({1: upload_to_record(honest), 2: upload_to_record(other)})
+    strategy = DADDAUploadStrategy(SETTINGS, num_types=len(TYPES) - 1,
+                                   upload_classes=len(TYPES), seed=0)
+    replies = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(), {}, grid))
+    torch.manual_seed(0)  # the U-Nets are initialised from the global RNG, as before
+    forward, _ = strategy.aggregate_train(1, replies)
+    torch.manual_seed(0)
+    backward, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    assert list(forward.keys()) == list(backward.keys())
+    for key in forward:
+        np.testing.assert_array_equal(forward[key].numpy(), backward[key].numpy())
