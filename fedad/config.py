@@ -56,7 +56,7 @@ class ExperimentConfig:
     """Everything one federated experiment needs, resolved and validated."""
 
     method: str = "msvt"
-    """Detector: msvt, mae, memorybank, gmm, flow or dadda (README, Detectors)."""
+    """Detector: msvt, mae, memorybank, gmm, flow, padim or dadda (README, Detectors)."""
     strategy: str = "fedavg"
     """fedavg fedprox fedadam fedyogi fedavgm fedmedian fedtrimmedavg krum, or aca cfa fedmsvt."""
     base_strategy: str = "fedavg"

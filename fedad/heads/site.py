@@ -63,8 +63,7 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     if patches is None:
         return None
     head = head_for(cfg)
-    features = whiten(patches.flat(head_settings(cfg).max_patches,
-                                   seed=cfg.seed + partition_id), whitening)
+    features = whiten(head.fit_rows(patches, seed=cfg.seed + partition_id), whitening)
     if global_head is None:
         return head.fit_local(features)
     return head.refine_local(global_head, features)
