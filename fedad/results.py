@@ -66,9 +66,10 @@ class ResultsWriter:
                 for row in self.rows]  # rounds.csv as of this checkpoint, restored on resume
         checkpoint = {"round": server_round, "state_dict": state,
                       "strategy": strategy_state or {}, "rows": rows}
+        # latest.pt first: a run killed between the two files resumes from this round
+        atomic_write(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
         atomic_write(self.checkpoints / f"round-{server_round:03d}.pt",
                 lambda path: torch.save(checkpoint, path))
-        atomic_write(self.checkpoints / "latest.pt", lambda path: torch.save(checkpoint, path))
         atomic_write(self.root / "rounds.csv",
                 lambda path: pd.DataFrame(self.rows).to_csv(path, index=False))
 
