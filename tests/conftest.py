@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -10,3 +11,12 @@ def task_identity():
     replies by hand (strategies, DP wrappers) use a fixed one."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one torch thread avoids oversubscribing CI's two cores (module-wide)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

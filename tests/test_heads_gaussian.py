@@ -21,13 +21,7 @@ SETTINGS = {"per-position": HeadSettings(gaussian_grid=4, gaussian_channels=5),
             "shared": HeadSettings(gaussian_positions="shared", gaussian_channels=5)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids oversubscribing CI's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feature_maps(n, seed):

@@ -27,13 +27,7 @@ def normal_features(n, seed):
     return centres[modes] + scales[modes] * torch.randn(n, DIM, generator=generator)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids oversubscribing CI's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
