@@ -151,7 +151,7 @@ def create_classifier(name: str, num_classes: int) -> nn.Module:
     return ImageNetInput(model)
 
 
-def _state_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+def state_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
     """Human-readable differences between a state dict and a model's (empty: they fit)."""
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
@@ -180,7 +180,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> None:
             state = state[key]
     if not isinstance(state, Mapping):
         raise BackboneError(f"checkpoint {path}: not a state dict ({type(state).__name__})")
-    problems = _state_mismatch(state, model)
+    problems = state_mismatch(state, model)
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)"
                                            if len(problems) > 8 else "")

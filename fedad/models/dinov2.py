@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from fedad.models.backbones import BackboneError, _state_mismatch
+from fedad.models.backbones import BackboneError, state_mismatch
 
 TIMM_NAME = "vit_small_patch14_dinov2"
 PATCH, DEPTH, WIDTH, NATIVE_GRID = 14, 12, 384, 37
@@ -171,7 +171,7 @@ def load_dinov2_vits14(onnx_path: str | Path | None = None, image_size: int = 22
     if native is not None and native.shape[1:] == (1 + NATIVE_GRID**2, WIDTH):
         grid = resample_positions(native[:, 1:], (image_size // PATCH,) * 2)
         state["pos_embed"] = torch.cat([native[:, :1], grid], dim=1)
-    problems = _state_mismatch(state, model)
+    problems = state_mismatch(state, model)
     if problems:
         shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)"
                                            if len(problems) > 4 else "")
