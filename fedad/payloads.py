@@ -109,9 +109,10 @@ def audit_row(*, server_round: int, node: int, kind: str, accepted: bool, reason
         "count": count, "shapes": None, "bytes": None, "digest": None, "details": details,
     }
     if arrays is not None:
-        numpy = {k: a.numpy() if isinstance(a, Array) else np.asarray(a) for k, a in arrays.items()}
-        row.update(shapes={k: list(a.shape) for k, a in numpy.items()},
-                   bytes=int(sum(a.nbytes for a in numpy.values())), digest=digest(arrays))
+        # shapes and sizes from the Arrays' headers: no reply is deserialized for its audit row
+        row.update(shapes={k: list(a.shape) for k, a in arrays.items()},
+                   bytes=int(sum(len(a.data) if isinstance(a, Array) else np.asarray(a).nbytes
+                                 for a in arrays.values())), digest=digest(arrays))
     return row
 
 
