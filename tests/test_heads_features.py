@@ -117,12 +117,12 @@ def test_timm_model_by_name_loads_weights_from_a_local_file(tmp_path):
     model = timm.create_model("resnet18", pretrained=False)
     torch.save(model.state_dict(), tmp_path / "resnet18.pt")
     extractor = build_extractor("resnet18", layers=(2, 3), neighbourhood=3, image_size=64,
-                                checkpoint=str(tmp_path / "resnet18.pt"))
+                                pretrained="file", checkpoint=str(tmp_path / "resnet18.pt"))
     assert extractor(torch.rand(1, 3, 64, 64)).shape == (1, 128 + 256, 8, 8)
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(BackboneError, match=r"bad\.pt"):
         build_extractor("resnet18", layers=(2,), neighbourhood=3, image_size=64,
-                        checkpoint=str(tmp_path / "bad.pt"))
+                        pretrained="file", checkpoint=str(tmp_path / "bad.pt"))
 
 
 def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
@@ -131,7 +131,7 @@ def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
     path = tmp_path / "round-001.pt"
     torch.save({"round": 1, "state_dict": trainable_state_dict(msvt)}, path)
     extractor = build_extractor("msvt", layers=(0, 1), neighbourhood=3, image_size=64,
-                                checkpoint=str(path), msvt_backbone="none")
+                                pretrained="file", checkpoint=str(path), msvt_backbone="none")
     images = torch.rand(2, 3, 64, 64)
     features = extractor(images)
     assert features.shape == (2, 96 + 128, 8, 8)
@@ -139,19 +139,21 @@ def test_msvt_stage_features_come_from_its_checkpoint(tmp_path):
     other = create_model("msvt", image_size=64, backbone="none")
     torch.save(trainable_state_dict(other), tmp_path / "other.pt")
     again = build_extractor("msvt", layers=(0, 1), neighbourhood=3, image_size=64,
-                            checkpoint=str(tmp_path / "other.pt"), msvt_backbone="none")
+                            pretrained="file", checkpoint=str(tmp_path / "other.pt"),
+                            msvt_backbone="none")
     assert not torch.allclose(features, again(images))
     with pytest.raises(BackboneError, match="feature-checkpoint"):
         build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64, checkpoint="")
     with pytest.raises(BackboneError, match="feature-padding=32"):
         build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64,
-                        checkpoint=str(path), msvt_backbone="none", padding=32)
+                        pretrained="file", checkpoint=str(path), msvt_backbone="none", padding=32)
     with pytest.raises(BackboneError, match="feature-scales=1,2"):
         build_extractor("msvt", layers=(0,), neighbourhood=3, image_size=64,
-                        checkpoint=str(path), msvt_backbone="none", scales=(1, 2))
+                        pretrained="file", checkpoint=str(path), msvt_backbone="none",
+                        scales=(1, 2))
     with pytest.raises(BackboneError, match="feature-layers=2,3"):
         build_extractor("msvt", layers=(2, 3), neighbourhood=3, image_size=64,
-                        checkpoint=str(path), msvt_backbone="none")
+                        pretrained="file", checkpoint=str(path), msvt_backbone="none")
 
 
 def test_centring_subtracts_each_images_mean_patch_feature():
@@ -164,3 +166,13 @@ def test_centring_subtracts_each_images_mean_patch_feature():
     assert centred.mean((-2, -1)).abs().max() < 1e-4  # every image's channels average to 0
     torch.testing.assert_close(centred, plain - plain.mean((-2, -1), keepdim=True))
     assert plain.mean((-2, -1)).abs().max() > 0.01  # the backbone's own features are not centred
+
+
+def test_a_checkpoint_goes_with_feature_pretrained_file_only():
+    with pytest.raises(ValueError, match=r"feature-checkpoint='x\.pt' with "
+                       r"feature-pretrained='packaged'"):
+        HeadSettings(feature_checkpoint="x.pt")
+    with pytest.raises(ValueError, match="feature-pretrained='file'"):
+        HeadSettings(feature_pretrained="file")
+    with pytest.raises(ValueError, match="feature-pretrained='imagenet'"):
+        HeadSettings(feature_pretrained="imagenet")

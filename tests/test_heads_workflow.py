@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, Message
 
 from fedad.config import ConfigError, ExperimentConfig
-from fedad.data import generate_dataset
+from fedad.data import generate_dataset, scan_category
 from fedad.heads.registry import head_settings
 from fedad.inprocess import FIRST_NODE_ID, InProcessGrid, run_in_process
 from fedad.metrics import METRIC_NAMES
@@ -167,3 +167,36 @@ def test_a_site_scores_its_normal_images_once_per_global_head(dataset, tmp_path,
     assert sent.count == len(fresh) + len(site.normal_patches(cfg, 0, 2, "train").labels)
     site.calibration_moments(cfg, 0, 2, other)  # another head: scored again
     assert len(calls) == 3
+
+
+def test_a_site_whose_features_would_not_fit_refuses_before_extracting(dataset, tmp_path,
+                                                                       monkeypatch):
+    from fedad.heads import site
+    from fedad.heads.registry import extractor_for, feature_grid
+    from fedad.heads.scoring import PatchSet
+
+    cfg = config(dataset, tmp_path / "results", method="memorybank")
+    per_image = PatchSet.bytes_for(1, extractor_for(cfg).dim, feature_grid(cfg), 64)
+    monkeypatch.setattr(site, "available_memory", lambda: int(per_image * 2))  # 2 of 4-5
+    extracted = []
+    monkeypatch.setattr(site, "extract_patches", lambda *a, **k: extracted.append(a))
+    with pytest.raises(MemoryError, match=r"^partition 0: its \d+ normal train images need "
+                       r"about .* GB .*image-size=64, feature-scales=\S+.* lower feature-scales"):
+        site.normal_patches(cfg, 0, 2, "train")
+    assert not extracted
+    monkeypatch.setattr(site, "available_memory", lambda: int(per_image * 1000))
+    site.normal_patches.cache_clear()
+    site.normal_patches(cfg, 0, 2, "train")
+    assert len(extracted) == 1
+
+
+def test_patch_set_bytes_match_what_extraction_holds(dataset, tmp_path):
+    from fedad.heads.registry import extractor_for, feature_grid
+    from fedad.heads.scoring import PatchSet, extract_patches
+
+    cfg = config(dataset, tmp_path / "results", method="memorybank")
+    samples = [s for s in scan_category(dataset, "washer") if s.split == "train"][:3]
+    patches = extract_patches(extractor_for(cfg), samples, cfg.image_size)
+    held = sum(x.nbytes for x in (patches.features.numpy(), patches.images, patches.masks))
+    maps = 3 * 4 * 64 * 64
+    assert PatchSet.bytes_for(3, extractor_for(cfg).dim, feature_grid(cfg), 64) == held + maps

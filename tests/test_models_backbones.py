@@ -78,7 +78,7 @@ def test_checkpoint_round_trip_for_another_timm_model(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save({"state_dict": model.state_dict()}, path)
     torch.manual_seed(1)
-    backbone = create_backbone("resnet18", checkpoint=path).eval()
+    backbone = create_backbone("resnet18", weights="file", checkpoint=path).eval()
     assert backbone.channels == [64, 128, 256] and backbone.strides == [4, 8, 16]
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -93,14 +93,14 @@ def test_wrong_checkpoint_names_the_file_and_the_tensors(tmp_path: Path) -> None
     path = tmp_path / "wrong.pt"
     torch.save({"model": {"conv1.weight": torch.zeros(1, 1, 1, 1)}}, path)
     with pytest.raises(BackboneError, match=r"wrong\.pt.*conv1\.weight.*missing"):
-        create_backbone("resnet18", checkpoint=path)
+        create_backbone("resnet18", weights="file", checkpoint=path)
 
 
 def test_unreadable_checkpoint_is_a_backbone_error(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match=r"garbage\.pt"):
-        create_backbone("resnet18", checkpoint=path)
+        create_backbone("resnet18", weights="file", checkpoint=path)
 
 
 def test_lite0_classifier_keeps_imagenet_features_and_gets_a_new_head() -> None:
@@ -124,3 +124,51 @@ def test_other_classifier_names_are_timm_architectures_from_scratch() -> None:
     classifier = create_classifier("resnet10t", 5)
     assert classifier.num_classes == 5
     assert not hasattr(classifier, "mean")  # no ImageNet statistics for a model that never saw them
+
+
+def _hub_stand_in(monkeypatch, state: dict[str, torch.Tensor], folder: Path) -> list[str]:
+    """timm's Hugging Face download replaced by a local file holding ``state``; returns the
+    repositories timm asked for."""
+    import safetensors.torch
+    import timm.models._hub as hub
+
+    asked: list[str] = []
+
+    def download(repo_id, filename, **_):
+        asked.append(repo_id)
+        path = folder / filename
+        if filename.endswith(".safetensors"):
+            safetensors.torch.save_file(state, path)
+        else:
+            torch.save(state, path)
+        return str(path)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    return asked
+
+
+def test_hub_weights_go_through_timms_download_path(monkeypatch, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet18", pretrained=False).state_dict()
+    asked = _hub_stand_in(monkeypatch, reference, tmp_path)
+    backbone = create_backbone("resnet18", weights="hub", out_indices=(2, 3))
+    assert asked and asked[0] == "timm/resnet18.a1_in1k"
+    assert torch.equal(backbone.model.conv1.weight, reference["conv1.weight"])
+    assert backbone.channels == [128, 256]
+
+
+def test_offline_hub_and_missing_packaged_weights_are_one_line_errors(monkeypatch) -> None:
+    import timm.models._hub as hub
+
+    def offline(*_, **__):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nretry later")
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)
+    with pytest.raises(BackboneError, match=r"^backbone 'resnet18': timm's hub download failed "
+                       r"\(We couldn't connect[^\n]*feature-pretrained=file") as err:
+        create_backbone("resnet18", weights="hub")
+    assert "\n" not in str(err.value)
+    with pytest.raises(BackboneError, match=r"'wide_resnet50_2': no packaged weights.*hub"):
+        create_backbone("wide_resnet50_2")
+    with pytest.raises(BackboneError, match="feature-pretrained='imagenet'"):
+        create_backbone("lite0", weights="imagenet")

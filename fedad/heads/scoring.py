@@ -50,6 +50,13 @@ class PatchSet:
     masks: np.ndarray  # [N, H, W]
     images: np.ndarray  # [N, H, W, 3]
 
+    @staticmethod
+    def bytes_for(num_images: int, dim: int, grid: tuple[int, int], image_size: int) -> int:
+        """Bytes a site's set of ``num_images`` holds: features [N, D, h, w] in STORAGE_DTYPE,
+        images [N, S, S, 3], masks and one anomaly map [N, S, S] each in float32."""
+        per_image = dim * grid[0] * grid[1] * STORAGE_DTYPE.itemsize + 5 * 4 * image_size**2
+        return num_images * per_image
+
     @property
     def num_patches(self) -> int:
         """N * h * w."""

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from fedad.heads.features import PHOTOMETRIC
 from fedad.models.anomaly_map import MapSettings
+from fedad.models.backbones import WEIGHT_SOURCES
 
 Number = TypeVar("Number", int, float)
 CLUSTERINGS = ("sinkhorn", "kmeans", "coreset")
@@ -45,8 +46,10 @@ class HeadSettings(MapSettings):
     """Per-image photometric normalisation (fedad.heads.features)."""
     feature_centring: bool = False
     """Subtract each image's mean patch feature (fedad.heads.features)."""
+    feature_pretrained: str = "packaged"
+    """Backbone weights: packaged (offline), hub (timm's download), file, none (random)."""
     feature_checkpoint: str = ""
-    """timm state dict, or an MSVT checkpoint for feature-source=msvt."""
+    """With feature-pretrained=file: timm state dict, DINOv2 ONNX or MSVT checkpoint."""
     feature_whitening: bool = True
     """Federated whitening of patch features (fedad.heads.whitening)."""
     max_patches: int = 20000
@@ -89,6 +92,8 @@ class HeadSettings(MapSettings):
         checks = {
             "feature-photometric": (self.feature_photometric in PHOTOMETRIC,
                                     f"one of {PHOTOMETRIC}"),
+            "feature-pretrained": (self.feature_pretrained in WEIGHT_SOURCES,
+                                   f"one of {WEIGHT_SOURCES}"),
             "bank-clustering": (self.bank_clustering in CLUSTERINGS, f"one of {CLUSTERINGS}"),
             "image-score": (self.image_score in IMAGE_SCORES, f"one of {IMAGE_SCORES}"),
             "gmm-covariance": (self.gmm_covariance in COVARIANCES, f"one of {COVARIANCES}"),
@@ -111,6 +116,10 @@ class HeadSettings(MapSettings):
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 raise ValueError(f"{key}={value!r}: must be {expected}")
+        if (self.feature_pretrained == "file") != bool(self.feature_checkpoint):
+            raise ValueError(f"feature-checkpoint={self.feature_checkpoint!r} with "
+                             f"feature-pretrained={self.feature_pretrained!r}: a checkpoint file "
+                             "is read with (and only with) feature-pretrained=file")
         self.layers()
         self.scales()
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import numpy as np
 
 from fedad.config import ExperimentConfig
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
-from fedad.heads.registry import extractor_for, head_for, head_settings
+from fedad.heads.registry import extractor_for, feature_grid, head_for, head_settings
 from fedad.heads.scoring import (
     PatchSet,
     anomaly_maps,
@@ -25,6 +26,8 @@ from fedad.heads.whitening import Whitening, feature_moments, whiten
 from fedad.payloads import digest
 
 log = logging.getLogger(__name__)
+MEMORY_SHARE = 0.8
+"""Share of the free memory a site's patch features may take (the rest: model, maps, head)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -37,9 +40,38 @@ def normal_patches(cfg: ExperimentConfig, partition_id: int, num_partitions: int
                if s.label == 0 and s.category != target]
     if not samples:
         return None
+    check_memory(cfg, partition_id, role, len(samples))
     log.info("partition %d: extracting %s features of %d normal images", partition_id, role,
              len(samples))
     return extract_patches(extractor_for(cfg), samples, cfg.image_size)
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (MemAvailable of /proc/meminfo; the
+    physical memory where that file does not exist)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: ExperimentConfig, partition_id: int, role: str, count: int) -> None:
+    """Refuse, before extracting anything, a site whose ``count`` normal ``role`` images would
+    not fit in the free memory (MemoryError in one line naming the settings to lower)."""
+    settings = head_settings(cfg)
+    need = PatchSet.bytes_for(count, extractor_for(cfg).dim, feature_grid(cfg), cfg.image_size)
+    free = available_memory()
+    if need > MEMORY_SHARE * free:
+        raise MemoryError(
+            f"partition {partition_id}: its {count} normal {role} images need about "
+            f"{need / 1e9:.1f} GB of patch features ({need / count / 1e6:.1f} MB each at "
+            f"image-size={cfg.image_size}, feature-scales={settings.feature_scales}, "
+            f"feature-layers={settings.feature_layers}), more than {MEMORY_SHARE:.0%} of the "
+            f"{free / 1e9:.1f} GB free here: lower feature-scales, feature-layers or image-size")
 
 
 def site_feature_moments(cfg: ExperimentConfig, partition_id: int,

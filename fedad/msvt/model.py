@@ -58,7 +58,8 @@ class PretrainedStem(nn.Module):
     def __init__(self, name: str, embed_dim: int, fine_dim: int, pretrained: bool,
                  checkpoint: str | None = None) -> None:
         super().__init__()
-        self.backbone = create_backbone(name, pretrained=pretrained, checkpoint=checkpoint,
+        weights = "file" if checkpoint else "packaged" if pretrained else "none"
+        self.backbone = create_backbone(name, weights=weights, checkpoint=checkpoint or None,
                                         out_indices=(1, 2, 3))
         if self.backbone.strides != [4, 8, 16]:
             raise ValueError(f"backbone {name}: expected strides 4/8/16, "
