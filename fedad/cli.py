@@ -118,7 +118,7 @@ def _bench(args: argparse.Namespace) -> int:
     from fedad.bench.report import sweep_report
 
     try:
-        spec = load_spec(args.config)
+        spec = load_spec(args.config, overrides=args.overrides)
         base = Path(os.environ.get("FEDAD_RESULTS", Path.home() / "fedad-results"))
         out = Path(args.out) if args.out else base / "sweeps" / spec.name
         print(f"fedad: sweep {spec.name}: {len(spec.cells())} cells into {out}", flush=True)
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "/sweeps/<name>); a rerun skips its finished cells")
     bench.add_argument("--max-cells", type=int, default=0,
                        help="stop after running this many cells (0: all)")
+    bench.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="override a run-config value of the sweep file (repeatable; a "
+                            "swept key takes that one value), e.g. data-path=~/fedad-real")
     bench.set_defaults(func=_bench)
 
     report = sub.add_parser("report", help="rebuild plots and tables of a results folder or "

@@ -2,10 +2,12 @@
 plots.
 
 - :mod:`fedad.bench.spec`: the sweep file (fixed values, a grid, the centralized reference, the
-  runner, the table's report options) expanded into cells.
+  peers, the runner, the table's report options) expanded into cells.
 - :mod:`fedad.bench.sweep`: runs the cells (resumable, failures recorded; the finished-run
   rule).
 - :mod:`fedad.bench.cell`: one cell of a ``runner: in-process`` sweep, in its own process.
+- :mod:`fedad.bench.peer`: one peer cell, an anomalib model on the same images and backbone.
+- :mod:`fedad.bench.cost`: peak memory of a cell's process.
 - :mod:`fedad.bench.tables`: mean ± std tables (CSV, Markdown, LaTeX) and derived columns.
 - :mod:`fedad.bench.plots`: metric per round, aggregation weights, ROC curves, anomaly maps.
 - :mod:`fedad.bench.report`: rebuilds tables and plots of a sweep or a single run folder.

@@ -70,13 +70,15 @@ def _style(label: str) -> dict:
 
 def plot_metric_per_round(out: Path, runs: pd.DataFrame, metric: str, path: Path) -> bool:
     """``metric`` of the global model against the round, one line per strategy setting (mean
-    over seeds), one panel per partitioner. Returns False (no file) when no cell has it."""
+    over seeds), one panel per partitioner (cells without rounds.csv, the peers, left out).
+    Returns False (no file) when no cell has it."""
     panels = list(_panels(runs))
     fig, axes = _figure(len(panels))
     drawn = False
     for ax, (title, rows) in zip(axes, panels, strict=True):
         for label, cells in _series(rows, runs):
-            curves = [pd.read_csv(out / CELLS / c / "rounds.csv") for c in cells["cell"]]
+            found = [out / CELLS / c / "rounds.csv" for c in cells["cell"]]
+            curves = [pd.read_csv(path) for path in found if path.is_file()]
             curves = [c.set_index("round")[metric] for c in curves if metric in c]
             if curves:
                 mean = pd.concat(curves, axis=1).mean(axis=1)
@@ -87,7 +89,8 @@ def plot_metric_per_round(out: Path, runs: pd.DataFrame, metric: str, path: Path
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
-    axes[-1].legend(fontsize=7)
+    if drawn:
+        axes[-1].legend(fontsize=7)
     return _save(fig, path, drawn)
 
 

@@ -14,11 +14,24 @@ A sweep file (YAML, kebab-case run-config keys)::
     table: {rows: [strategy, partitioner], metrics: [image_auroc, aupro]}
     cell-timeout: 1800          # seconds per cell
     runner: flwr                # or in-process
+    peers: [patchcore, padim]   # anomalib models on the same images (docs/peers.md)
 
 Each combination is a federated cell. The centralized reference is one client holding all the
 data (1 SuperNode, ``min-train-nodes=1``, FedAvg over a single IID partition) with the same
 training budget; there is one reference cell per combination of the keys that do not concern the
 federation (e.g. per seed, per batch size).
+
+``peers`` (a list of anomalib image model names, or a mapping name -> that model's init options
+and the peer options ``backbone``, ``layers``, ``max_epochs``) adds, per peer, one cell for each
+combination of the federated cells' values of the data keys (the keys that do not concern the
+federation, ``method`` aside) and of the split keys (:data:`PEER_SPLIT_KEYS`: the sites'
+training images depend on them). A peer cell fits the anomalib model on the normal training
+images of all the sites of its federated cells, and tests it on their test split, in its own
+process (:mod:`fedad.bench.peer`, whatever the ``runner``); ``method`` must be swept, as it
+tells the peers' rows from fedad's. Cells run in the order of :meth:`SweepSpec.cells`: the
+references (centralized, then peers) first.
+
+``fedad bench --set KEY=VALUE`` overrides the file's run-config values (:func:`with_overrides`).
 
 ``runner: flwr`` runs each cell as a real `flwr run` simulation (Ray backend);
 ``runner: in-process`` runs it through :func:`fedad.inprocess.run_in_process` (the same server
@@ -39,7 +52,9 @@ Report options of ``table`` beyond rows / metrics / columns / labels / values (s
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +65,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 NUM_CLIENTS = "num-clients"
-FEDERATED, CENTRALIZED = "federated", "centralized"
+FEDERATED, CENTRALIZED, PEER = "federated", "centralized", "peer"
 NOT_APPLICABLE = "–"
 DEFAULT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 FEDERATION_KEYS = frozenset({
@@ -59,8 +74,13 @@ FEDERATION_KEYS = frozenset({
     "num-malicious-nodes",
 })
 FEDERATION_PREFIXES = ("aca-", "cfa-")
+PEER_SPLIT_KEYS = frozenset({NUM_CLIENTS, "partitioner", "dirichlet-alpha"})
+"""Federation keys that decide which images are the sites' training images: a peer cell takes
+them from its federated cells."""
+PEER_METHOD = "anomalib-{}"
+"""The ``method`` a peer cell shows in tables."""
 SPEC_KEYS = frozenset({"name", "fixed", "grid", "exclude", "centralized", "table",
-                       "cell-timeout", "cpus-per-client", "runner"})
+                       "cell-timeout", "cpus-per-client", "runner", "peers"})
 TABLE_KEYS = frozenset({"rows", "metrics", "columns", "labels", "values", "derived",
                         "reference", "mean-over", "compare", "scale", "digits"})
 RUNNERS = ("flwr", "in-process")
@@ -126,11 +146,14 @@ class Cell:
 
     Attributes:
         name: folder name, unique in the sweep, built from the swept values.
-        kind: ``federated`` or ``centralized``.
+        kind: ``federated``, ``centralized`` or ``peer``.
         params: the swept values as shown in tables (``strategy`` is ``centralized`` and other
-            federation keys ``–`` for the reference).
-        run_config: the run-config of its `flwr run` (the sweep adds ``results-dir``).
-        num_clients: simulated SuperNodes.
+            federation keys ``–`` for the reference; ``method`` is ``anomalib-<model>`` and the
+            federation keys but the split keys ``–`` for a peer).
+        run_config: the run-config of its `flwr run` (the sweep adds ``results-dir``); for a
+            peer, the data and split its federated cells use (no ``method``).
+        num_clients: simulated SuperNodes (for a peer: the sites whose images it trains on).
+        peer: for a peer cell, ``{"model": anomalib name, "options": its options}``.
     """
 
     name: str
@@ -138,6 +161,7 @@ class Cell:
     params: dict[str, Any]
     run_config: dict[str, Any]
     num_clients: int
+    peer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,7 @@ class SweepSpec:
     cell_timeout: float = 3600.0
     cpus_per_client: int = 1
     runner: str = "flwr"
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep file's mapping (``parse_spec(spec.to_dict(), ...)`` gives it back)."""
@@ -162,11 +187,18 @@ class SweepSpec:
                 "grid": {k: list(v) for k, v in self.grid.items()},
                 "exclude": list(self.exclude), "centralized": centralized,
                 "table": self.table.to_dict(), "cell-timeout": self.cell_timeout,
-                "cpus-per-client": self.cpus_per_client, "runner": self.runner}
+                "cpus-per-client": self.cpus_per_client, "runner": self.runner,
+                "peers": self.peers}
 
     def cells(self) -> list[Cell]:
-        """The centralized reference cells first, then every federated combination."""
+        """The references first (the centralized cells, then the peer cells), then every
+        federated combination."""
         out = self._centralized_cells() if self.centralized is not None else []
+        federated = self._federated_cells()
+        return out + self._peer_cells(federated) + federated
+
+    def _federated_cells(self) -> list[Cell]:
+        out = []
         keys = list(self.grid)
         for combo in itertools.product(*self.grid.values()):
             params = dict(zip(keys, combo, strict=True))
@@ -193,6 +225,25 @@ class SweepSpec:
             params = {k: _centralized_param(k, chosen, self.centralized) for k in self.grid}
             name = _cell_name({CENTRALIZED: "ref", **chosen})
             cells.append(Cell(name, CENTRALIZED, _table_params(params, 1), run_config, 1))
+        return cells
+
+    def _peer_cells(self, federated: list[Cell]) -> list[Cell]:
+        """Per peer, a cell per distinct combination of the federated cells' data and split
+        values (so excluded combinations have no peer either)."""
+        kept = [k for k in self.grid if k != "method"
+                and (k in PEER_SPLIT_KEYS or not is_federation_key(k))]
+        combos = dict.fromkeys(tuple(c.params[k] for k in kept) for c in federated)
+        cells = []
+        for combo in combos:
+            chosen = dict(zip(kept, combo, strict=True))
+            values = {k: v for k, v in {**self.fixed, **chosen}.items() if k != "method"}
+            num_clients = int(values.pop(NUM_CLIENTS))
+            for model, options in self.peers.items():
+                params = {k: PEER_METHOD.format(model) if k == "method"
+                          else chosen.get(k, NOT_APPLICABLE) for k in self.grid}
+                cells.append(Cell(_cell_name({PEER: model, **chosen}), PEER,
+                                  _table_params(params, num_clients), values, num_clients,
+                                  {"model": model, "options": options}))
         return cells
 
 
@@ -228,14 +279,49 @@ def app_config_keys(app_dir: Path = PROJECT_ROOT) -> frozenset[str]:
         return frozenset(tomli.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
-def load_spec(path: str | Path, app_dir: Path = PROJECT_ROOT) -> SweepSpec:
-    """Read and validate a sweep file (SweepError naming the file and key otherwise)."""
+def load_spec(path: str | Path, app_dir: Path = PROJECT_ROOT,
+              overrides: list[str] | None = None) -> SweepSpec:
+    """Read and validate a sweep file (SweepError naming the file and key otherwise).
+
+    Args:
+        overrides: ``KEY=VALUE`` texts (``fedad bench --set``), see :func:`with_overrides`.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise SweepError(f"{path}: cannot read sweep file ({err})") from err
-    return parse_spec(data, str(path), app_config_keys(app_dir), default_name=path.stem)
+    known = app_config_keys(app_dir)
+    if overrides:
+        data = with_overrides(data, overrides, str(path), known)
+    return parse_spec(data, str(path), known, default_name=path.stem)
+
+
+def with_overrides(data: Any, overrides: list[str], source: str,
+                   known_keys: frozenset[str]) -> dict[str, Any]:
+    """The sweep file's mapping with ``KEY=VALUE`` overrides (the value read as YAML, e.g.
+    ``image-size=64`` an int): a swept key is swept over that one value, any other key becomes
+    fixed. SweepError naming a malformed override or a key the App does not have."""
+    if not isinstance(data, dict):
+        raise SweepError(f"{source}: expected a mapping with 'fixed' and 'grid'")
+    fixed, grid = dict(data.get("fixed") or {}), dict(data.get("grid") or {})
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SweepError(f"--set {text!r}: expected KEY=VALUE")
+        if key not in known_keys and key != NUM_CLIENTS:
+            raise SweepError(f"--set {key}: not a run-config key of the App (see "
+                             "[tool.flwr.app.config] in pyproject.toml)")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SweepError(f"--set {key}: cannot read {value!r} ({err})") from err
+        if key in grid:
+            grid[key] = [parsed]
+        else:
+            fixed[key] = parsed
+    return {**data, "fixed": fixed, "grid": grid}
 
 
 def parse_spec(data: Any, source: str, known_keys: frozenset[str],
@@ -283,12 +369,45 @@ def parse_spec(data: Any, source: str, known_keys: frozenset[str],
     runner = data.get("runner", RUNNERS[0])
     if runner not in RUNNERS:
         raise SweepError(f"{source}: runner={runner!r}: expected one of {', '.join(RUNNERS)}")
+    peers = _peers(data.get("peers"), source)
+    if peers and "method" not in grid:
+        raise SweepError(f"{source}: peers: needs method in grid (e.g. method: [padim]): "
+                         "the peers' rows are told from fedad's by their method")
     return SweepSpec(
         name=str(data.get("name", default_name)), source=source, fixed=fixed, grid=grid,
         centralized=centralized, table=_table(data.get("table"), grid, source),
         exclude=tuple(_mapping(rule, source, "exclude") for rule in exclude),
-        cell_timeout=timeout, cpus_per_client=cpus, runner=runner,
+        cell_timeout=timeout, cpus_per_client=cpus, runner=runner, peers=peers,
     )
+
+
+def peer_model_names() -> tuple[str, ...] | None:
+    """anomalib's image models by their module name (``patchcore``, ``padim``,
+    ``efficient_ad``, ...), read from the installed package without importing it (its models
+    take seconds to import); None when anomalib is not installed."""
+    found = importlib.util.find_spec("anomalib")
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(found.submodule_search_locations[0]) / "models" / "image"
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if m.ispkg))
+
+
+def _peers(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    """``[name, ...]`` or ``{name: options}`` -> ``{name: options}``; names checked against
+    anomalib's image models when anomalib is installed (without it, the peer cells fail)."""
+    if isinstance(value, list):
+        if not all(isinstance(name, str) for name in value) or len(set(value)) != len(value):
+            raise SweepError(f"{source}: peers: expected distinct model names or a mapping "
+                             f"name -> options, got {value}")
+        value = dict.fromkeys(value, None)
+    peers = {name: _mapping(options, source, f"peers.{name}")
+             for name, options in _mapping(value, source, "peers").items()}
+    known = peer_model_names()
+    unknown = sorted(set(peers) - set(known or peers))
+    if unknown:
+        raise SweepError(f"{source}: peers: {', '.join(unknown)}: not an anomalib image model "
+                         f"(expected one of {', '.join(known or ())})")
+    return peers
 
 
 def _centralized(value: Any, source: str) -> dict[str, Any] | None:

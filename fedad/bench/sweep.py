@@ -5,6 +5,7 @@ Folder layout of a sweep ``OUT`` (the same for both runners)::
     OUT/sweep.yaml                 the sweep file as run
     OUT/cells/<cell>/cell.json     what the cell is (params, run-config, clients)
     OUT/cells/<cell>/...           the run's results folder (summary.json when it finished)
+    OUT/cells/<cell>/cost.json     peak memory and seconds of an in-process cell's process
     OUT/cells/<cell>/flwr.log      the run's log (`flwr run --stream`, or the cell process's)
     OUT/cells/<cell>/error.json    status, error and log tail of a failed cell
     OUT/cells/<cell>/running       present while the cell's run has not returned
@@ -14,7 +15,8 @@ report: a cell whose folder holds summary.json, no ``running`` marker and no err
 finished and skipped on a rerun (a run killed after writing summary.json, e.g. between
 D-ADDA's federated stage and its accuracy tables, is not finished); a failed cell is recorded
 and retried on the next run; the sweep goes on after a failure. A run that completed although a
-site raised counts as failed (its rounds trained on fewer sites than asked).
+site raised counts as failed (its rounds trained on fewer sites than asked). Peer cells
+(:mod:`fedad.bench.peer`) always run in a process of their own, whatever the sweep's runner.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from fedad.bench.spec import PROJECT_ROOT, Cell, SweepError, SweepSpec
+from fedad.bench.spec import PEER, PROJECT_ROOT, Cell, SweepError, SweepSpec
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.simulation import SimulationRun, run_simulation
 
@@ -44,6 +46,8 @@ CLIENT_ERROR = re.compile(rf"{CLIENT_ERROR_MARKER}|partition \d+ failed: Traceba
 CELLS = "cells"
 RUNNING_MARKER = "running"
 COMPLETED = "finished:completed"
+PROCESS_ERROR = re.compile(r"^error: (.+)$", re.MULTILINE)
+"""The one-line error a cell process (e.g. fedad.bench.peer) prints before it exits 1."""
 
 CellRunner = Callable[[Cell, Path, SweepSpec, Path], SimulationRun]
 """(cell, its results folder, the sweep, FLWR_HOME) -> how its simulation ended."""
@@ -74,20 +78,32 @@ def in_process_cell(cell: Cell, folder: Path, spec: SweepSpec,
     fedad.bench.cell FOLDER``) writing into ``folder``: cells stay independent of each other
     and of their order (global RNGs, torch threads, caches), ``cell-timeout`` can stop one and
     a crash takes only its cell down."""
+    return cell_process("fedad.bench.cell", folder, spec.cell_timeout)
+
+
+def peer_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path) -> SimulationRun:
+    """A peer cell: the anomalib model in a fresh Python process (``python -m
+    fedad.bench.peer FOLDER``) writing into ``folder``."""
+    return cell_process("fedad.bench.peer", folder, spec.cell_timeout)
+
+
+def cell_process(module: str, folder: Path, timeout: float) -> SimulationRun:
+    """Run ``python -m MODULE FOLDER`` (stdout and stderr as its log) for at most ``timeout``
+    seconds; completed when it exits 0."""
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-m", "fedad.bench.cell", str(folder)],
+        done = subprocess.run([sys.executable, "-m", module, str(folder)],
                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=spec.cell_timeout, check=False)
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
         status = COMPLETED if done.returncode == 0 else f"failed (exit {done.returncode})"
         log = done.stdout
     except subprocess.TimeoutExpired as err:
-        status, log = f"timeout after {spec.cell_timeout:g} s", err.stdout or b""
+        status, log = f"timeout after {timeout:g} s", err.stdout or b""
     return SimulationRun(None, status, log.decode(errors="replace"), time.perf_counter() - start)
 
 
 RUNNERS: dict[str, CellRunner] = {"flwr": simulate_cell, "in-process": in_process_cell}
-"""The cell runner of each ``runner`` value of a sweep file."""
+"""The cell runner of each ``runner`` value of a sweep file (peer cells: :func:`peer_cell`)."""
 
 
 def cell_folder(out: Path, cell: Cell) -> Path:
@@ -120,8 +136,8 @@ def run_sweep(
 
     Args:
         max_cells: stop after running this many cells (finished cells skipped do not count).
-        runner: how a cell is run (default: the one ``spec.runner`` names; tests may pass
-            another).
+        runner: how a fedad cell is run (default: the one ``spec.runner`` names; tests may
+            pass another); peer cells always run by :func:`peer_cell`.
         progress: show a progress bar with elapsed time and ETA on stderr.
 
     Returns:
@@ -148,7 +164,8 @@ def run_sweep(
     bar = tqdm(pending, desc=spec.name, unit="cell", disable=not progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        last = _run_cell(cell, cell_folder(out, cell), spec, flwr_home, runner)
+        last = _run_cell(cell, cell_folder(out, cell), spec, flwr_home,
+                         peer_cell if cell.kind == PEER else runner)
         outcomes[cell.name] = last
         if progress:
             bar.write(f"{last.status:6s} {cell.name} ({last.seconds:.0f} s)"
@@ -175,8 +192,9 @@ def _run_cell(cell: Cell, folder: Path, spec: SweepSpec, flwr_home: Path,
     (folder / RUNNING_MARKER).unlink()
     (folder / "flwr.log").write_text(run.log)
     if not run.completed:
-        return _failed(cell, folder, run.status, f"the run ended with status {run.status}",
-                       run.log, run.seconds)
+        said = PROCESS_ERROR.findall(run.log)
+        return _failed(cell, folder, run.status, f"the run ended with status {run.status}"
+                       + (f": {said[-1]}" if said else ""), run.log, run.seconds)
     if not is_finished(folder):
         return _failed(cell, folder, run.status, "run completed without writing summary.json",
                        run.log, run.seconds)
@@ -210,19 +228,23 @@ def _failed(cell: Cell, folder: Path, status: str, error: str, log: str,
 
 
 def cell_record(cell: Cell) -> dict[str, Any]:
-    """The JSON form of a cell saved in its folder (what the tables read back)."""
-    return {"name": cell.name, "kind": cell.kind, "params": cell.params,
-            "run_config": cell.run_config, "num_clients": cell.num_clients}
+    """The JSON form of a cell saved in its folder (what the tables read back; ``peer`` only
+    for a peer cell)."""
+    record = {"name": cell.name, "kind": cell.kind, "params": cell.params,
+              "run_config": cell.run_config, "num_clients": cell.num_clients}
+    return {**record, "peer": cell.peer} if cell.peer else record
 
 
 def _check_same_cell(cell: Cell, folder: Path) -> None:
-    """A finished cell is reused only if it ran the same run-config."""
+    """A finished cell is reused only if it ran the same run-config (and peer options)."""
     saved = json.loads((folder / "cell.json").read_text()) if (folder / "cell.json").is_file() \
         else {}
-    if saved.get("run_config") != json.loads(json.dumps(cell.run_config)):
-        raise SweepError(
-            f"{folder}: finished with a different run-config than the sweep file now gives "
-            f"({saved.get('run_config')} vs {cell.run_config}); use another output folder")
+    for key, label, now in (("run_config", "run-config", cell.run_config),
+                            ("peer", "peer model or options", cell.peer or None)):
+        if saved.get(key) != json.loads(json.dumps(now)):
+            raise SweepError(
+                f"{folder}: finished with a different {label} than the sweep file now gives "
+                f"({saved.get(key)} vs {now}); use another output folder")
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -6,6 +6,13 @@ options of a sweep file's ``table`` (:class:`fedad.bench.spec.TableSpec`) add de
 (``epsilon``: the (epsilon, delta) of the cell's DP settings; ``category_kind``: texture or
 object; ``model_distance``: how far the final global model ends from the reference cell's),
 "mean" rows over a row key, a count of wins of one swept value over another, scaled metrics.
+
+Peer cells (anomalib models on the same images, :mod:`fedad.bench.peer`) sit after the
+reference and, like it, do not compete for bold. Cost columns, usable as metrics:
+``seconds`` (a fedad cell's whole federated run, a peer's whole run), ``peak_memory_mb`` (the
+cell process's peak resident memory: cost.json of an in-process cell, a peer's summary),
+``cell_seconds`` (an in-process cell's process), ``fit_seconds`` and ``test_seconds`` (peers);
+``–`` where a cell kind has none. They are never scaled.
 """
 
 from __future__ import annotations
@@ -20,7 +27,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fedad.bench.spec import CENTRALIZED, FEDERATED, MODEL_DISTANCE, NUM_CLIENTS, Cell, TableSpec
+from fedad.bench.cost import COST
+from fedad.bench.spec import (
+    CENTRALIZED,
+    FEDERATED,
+    MODEL_DISTANCE,
+    NUM_CLIENTS,
+    PEER,
+    Cell,
+    TableSpec,
+)
 from fedad.bench.sweep import CELLS, cell_record, cell_status
 from fedad.config import ExperimentConfig
 from fedad.data import SYNTHETIC_CATEGORIES
@@ -29,7 +45,14 @@ from fedad.privacy import DPSettings, privacy_epsilon
 STD = "±"
 MEAN = "mean"
 """The row-key value of the rows :attr:`TableSpec.mean_over` adds."""
-LOWER_IS_BETTER = frozenset({MODEL_DISTANCE, "seconds"})
+COST_METRICS = frozenset({"seconds", "cell_seconds", "fit_seconds", "test_seconds",
+                          "peak_memory_mb"})
+"""What a cell cost (see the module docstring): lower is better, never scaled."""
+LOWER_IS_BETTER = COST_METRICS | {MODEL_DISTANCE}
+KIND_ORDER = (CENTRALIZED, PEER, FEDERATED)
+"""Order of the cell kinds in tables: the references first."""
+TOLD_APART_BY = {CENTRALIZED: {"strategy", NUM_CLIENTS}, PEER: {"method"}}
+"""Row keys whose values tell a kind's rows from the federated ones."""
 STATUS_NOTES = {"incomplete": "running or interrupted", "pending": "not run yet"}
 
 
@@ -56,8 +79,8 @@ ROW_DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
 def collect_runs(out: str | Path, cells: list[Cell] | None = None,
                  table: TableSpec | None = None) -> pd.DataFrame:
     """One row per cell of the sweep ``out``: its kind, swept params, status (see
-    :func:`fedad.bench.sweep.cell_status`), seconds, error, final metrics and the derived
-    columns of ``table``.
+    :func:`fedad.bench.sweep.cell_status`), seconds, error, final metrics, cost.json's values
+    and the derived columns of ``table``.
 
     Args:
         cells: the sweep's cells, in order; those without a folder yet are ``pending``
@@ -87,6 +110,8 @@ def _run_row(cell: dict, folder: Path, derived: tuple[str, ...]) -> dict:
         summary = json.loads((folder / "summary.json").read_text())
         row["seconds"] = summary.get("seconds")
         row.update({k: v for k, v in summary.get("final", {}).items() if k != "round"})
+        if (folder / COST).is_file():
+            row.update(json.loads((folder / COST).read_text()))
     elif status == "failed":
         row["error"] = json.loads((folder / "error.json").read_text())["error"]
     row.update({k: ROW_DERIVED[k](cell["run_config"]) for k in derived if k in ROW_DERIVED})
@@ -134,8 +159,9 @@ def param_columns(runs: pd.DataFrame) -> list[str]:
 
 def summarize(runs: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
     """Mean, std (ddof=1; NaN for one seed) and seed count of each metric per row key (and
-    column key), over the finished cells; the centralized reference first, the ``mean`` rows
-    of ``table.mean_over`` (the mean of the row means over its values; no std) last.
+    column key), over the finished cells; the centralized reference first, then the peers, the
+    ``mean`` rows of ``table.mean_over`` (the mean of the row means over its values; no std)
+    last.
 
     Returns:
         columns ``kind``, the row keys, the column key if any, ``seeds``, and
@@ -156,8 +182,8 @@ def summarize(runs: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
         stats[f"{metric}_mean"] = grouped[metric].mean()
         stats[f"{metric}_std"] = grouped[metric].std(ddof=1)
     stats = stats.reset_index()
-    stats["_ref"] = stats["kind"] != CENTRALIZED
-    stats = stats.sort_values("_ref", kind="stable").drop(columns="_ref")
+    stats["_order"] = stats["kind"].map(KIND_ORDER.index)
+    stats = stats.sort_values("_order", kind="stable").drop(columns="_order")
     if table.mean_over:
         means = [f"{m}_mean" for m in metrics]
         others = [k for k in keys if k != table.mean_over]
@@ -168,16 +194,18 @@ def summarize(runs: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
 
 def display_table(summary: pd.DataFrame, table: TableSpec, fmt: str = "md") -> pd.DataFrame:
     """The table as strings: row keys (renamed per ``table``; ``kind`` first when the
-    centralized reference is there and no row key tells it apart), then ``mean ± std`` per
-    metric (per column-key value when ``table.columns`` is set; times ``table.scale``, with
-    ``table.digits`` decimals), best federated mean in bold (the lowest for
-    :data:`LOWER_IS_BETTER`; ``mean`` rows do not compete).
+    centralized reference or peers are there and no row key tells them apart), then ``mean ±
+    std`` per metric (per column-key value when ``table.columns`` is set; times
+    ``table.scale`` but for :data:`COST_METRICS`, with ``table.digits`` decimals), best
+    federated mean in bold (the lowest for :data:`LOWER_IS_BETTER`; ``mean`` rows do not
+    compete).
 
     Args:
         fmt: ``md`` (``**x**``) or ``tex`` (``\\textbf{x}``, ``$\\pm$``, escaped headers).
     """
     metrics = [m for m in table.metrics if f"{m}_mean" in summary]
-    named = set(table.rows) & {"strategy", NUM_CLIENTS} or CENTRALIZED not in set(summary["kind"])
+    named = all(set(table.rows) & TOLD_APART_BY[kind]
+                for kind in set(summary["kind"]) - {FEDERATED})
     rows = list(table.rows) if named else ["kind", *table.rows]
     groups: list = [None]
     if table.columns:  # in the order of the column key's labels in ``values``, then as found
@@ -199,8 +227,9 @@ def display_table(summary: pd.DataFrame, table: TableSpec, fmt: str = "md") -> p
         if table.mean_over:
             federated = federated & (merged[table.mean_over] != MEAN)
         for metric in metrics:
-            mean = merged[f"{metric}_mean"] * table.scale
-            std = merged[f"{metric}_std"] * table.scale
+            scale = 1.0 if metric in COST_METRICS else table.scale
+            mean = merged[f"{metric}_mean"] * scale
+            std = merged[f"{metric}_std"] * scale
             ranked = mean[federated]
             best = (ranked.min() if metric in LOWER_IS_BETTER else ranked.max()) \
                 if ranked.notna().any() else math.nan
@@ -278,10 +307,14 @@ def write_tables(out: str | Path, runs: pd.DataFrame, table: TableSpec,
     summary = summarize(runs, table)
     summary.to_csv(paths["csv"], index=False)
     counts = runs["status"].value_counts().to_dict() if len(runs) else {}
+    kinds = set(runs.get("kind", ()))
     lines = [f"## {title}", "",
              f"cells: {len(runs)} ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
-             "mean ± std over seeds; **bold**: best federated mean per column; "
-             "the centralized reference (one client, all data) first"
+             "mean ± std over seeds; **bold**: best federated mean per column"
+             + ("; the centralized reference (one client, all data) first"
+                if CENTRALIZED in kinds else "")
+             + ("; peers: anomalib models on the same images and backbone (docs/peers.md)"
+                if PEER in kinds else "")
              + (f"; metrics x {table.scale:g}." if table.scale != 1 else "."), ""]
     if len(summary):
         lines.append(display_table(summary, table, "md").to_markdown(index=False))
