@@ -79,11 +79,18 @@ def test_dinov2_feature_source_gives_token_grids_of_the_chosen_blocks():
 
 
 def test_dinov2_feature_source_refuses_sizes_off_the_patch_grid():
-    # the heads' defaults (padding 32, scales 3) and blocks past 11 cannot work with 14 px patches
-    for settings, key in (({"padding": 32, "scales": (3.0,)}, "feature-padding=32"),
-                          ({"scales": (1, 1.1)}, "feature-scales=1,1.1"),
+    for settings, key in (({"scales": (1, 1.1)}, "feature-scales=1,1.1"),
                           ({"image_size": 128}, "image-size=128"),
                           ({"layers": (12,)}, "feature-layers=12")):
         kwargs = {"layers": (11,), "neighbourhood": 1, "image_size": 224} | settings
         with pytest.raises(ConfigError, match=key):
             build_extractor(DINOV2, **kwargs)
+
+
+@needs_weights
+def test_dinov2_rounds_the_heads_padding_to_its_patch_grid_at_every_scale():
+    # the heads' default padding (32 px) becomes 28 px at scale 1 and 70 px at scale 2
+    extractor = build_extractor(DINOV2, layers=(11,), neighbourhood=1, image_size=224,
+                                padding=32, scales=(1, 2))
+    assert sorted(extractor.levels.models) == [str(224 + 56), str(448 + 140)]
+    assert extractor(torch.rand(1, 3, 224, 224)).shape == (1, 2 * 384, 32, 32)

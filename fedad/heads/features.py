@@ -14,9 +14,9 @@ Four sources, one output form ``[B, D, h, w]`` at the stride of the finest chose
   file with ``feature-pretrained=file``, or Meta's weights with ``hub``), raw (before the final
   norm) as grids [B, 384, H/14, W/14]: one token grid, not a pyramid, so every chosen block has
   the same 14 px stride. The ViT needs each image it sees to be a multiple of 14 px, so image-size
-  x scale and feature-padding x scale must be multiples of 14 for every scale (e.g. 224 px with
-  feature-padding 0 or 14 and feature-scales 1, 2 or 3; the defaults 32 and 3 are refused); one
-  model is built per resulting side, each with the position grid resampled once to its size.
+  x scale must be one for every scale (224 px with feature-scales 1, 2 or 3) and the padding at
+  each scale is rounded to a multiple of 14 px; one model is built per resulting side, each with
+  the position grid resampled once to its size.
 
 Each level is averaged over a ``neighbourhood`` x ``neighbourhood`` window (PatchCore's local
 aggregation: a patch feature sees its surroundings), resized to the finest level and the levels
@@ -72,6 +72,12 @@ def photometric_normalised(images: torch.Tensor, mode: str) -> torch.Tensor:
     return ((images - mean) / std * PHOTOMETRIC_STD + PHOTOMETRIC_MEAN).clamp(0, 1)
 
 
+def scaled_padding(padding: int, scale: float, step: int = 1) -> int:
+    """Pixels of padding around an image resized by ``scale``: padding x scale, rounded to a
+    multiple of ``step``."""
+    return step * round(padding * scale / step)
+
+
 class PatchFeatureExtractor(nn.Module):
     """Frozen multi-level feature model -> locally aggregated patch features.
 
@@ -80,17 +86,21 @@ class PatchFeatureExtractor(nn.Module):
         channels: C_i of each level (their sum is the feature width D).
         neighbourhood: side of the averaging window (odd; 1 = no aggregation).
         padding: pixels of reflect padding around the image (a multiple of the coarsest
-            level's stride, less than the image side; 0 = none); scaled with the image.
+            level's stride, less than the image side; 0 = none); scaled with the image, then
+            rounded to a multiple of ``padding_step``.
         scales: factors the image is resized by before the backbone (1 = as it is); D is
             sum(channels) times their number.
         photometric: per-image normalisation before the backbone, one of PHOTOMETRIC.
         centring: subtract each image's mean patch feature (over its grid) from its patches, so
             that a patch is compared with the bank relative to its own image.
+        padding_step: the padding at each scale is rounded to a multiple of it (a ViT's patch
+            side: its token grid must cover the padded image exactly).
     """
 
     def __init__(self, levels: nn.Module, channels: Sequence[int], neighbourhood: int = 3,
                  padding: int = 0, scales: Sequence[float] = (1.0,),
-                 photometric: str = "none", centring: bool = False) -> None:
+                 photometric: str = "none", centring: bool = False,
+                 padding_step: int = 1) -> None:
         super().__init__()
         check_photometric(photometric)
         if neighbourhood < 1 or neighbourhood % 2 == 0:
@@ -108,6 +118,7 @@ class PatchFeatureExtractor(nn.Module):
         self.scales = tuple(float(s) for s in scales)
         self.photometric = photometric
         self.centring = centring
+        self.padding_step = padding_step
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """The extractor is always frozen (eval mode)."""
@@ -136,7 +147,7 @@ class PatchFeatureExtractor(nn.Module):
     def _levels_at(self, images: torch.Tensor, scale: float) -> list[torch.Tensor]:
         """The aggregated, cropped level maps [[B, C_i, h_i, w_i]] of ``images`` resized by
         ``scale``."""
-        padding = round(self.padding * scale)
+        padding = scaled_padding(self.padding, scale, self.padding_step)
         if scale != 1:
             side = [round(s * scale) for s in images.shape[-2:]]
             images = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
@@ -206,23 +217,22 @@ def dinov2_extractor(*, layers: Sequence[int], neighbourhood: int, image_size: i
                      ) -> PatchFeatureExtractor:
     """The ``dinov2-vits14`` extractor: features [B, 384 * len(layers) * len(scales), h, w]
     with h = w = image_size * max(scales) / 14. Arguments as :func:`build_extractor`
-    (``pretrained`` / ``checkpoint``: see :func:`fedad.models.dinov2.dinov2_vits14`).
-    ConfigError naming the settings when a block is not 0-11 or an image the ViT would see is
-    not a multiple of 14 px."""
+    (``pretrained`` / ``checkpoint``: see :func:`fedad.models.dinov2.dinov2_vits14`); the
+    padding at each scale is rounded to a multiple of 14 px (32 px: 28 at scale 1, 70 at 2).
+    ConfigError naming the settings when a block is not 0-11 or image-size x scale is not a
+    multiple of 14 px."""
     if not set(layers) <= set(range(DEPTH)):
         raise ConfigError(f"feature-layers={','.join(map(str, layers))}: DINOv2 ViT-S/14 has "
                           f"blocks 0-{DEPTH - 1}")
-    sides = [(round(image_size * s), round(padding * s)) for s in scales]
-    if any(side % PATCH or pad % PATCH for side, pad in sides):
-        raise ConfigError(f"image-size={image_size}, feature-padding={padding}, feature-scales="
+    if any(round(image_size * s) % PATCH for s in scales):
+        raise ConfigError(f"image-size={image_size}, feature-scales="
                           f"{','.join(f'{s:g}' for s in scales)}: feature-source={DINOV2} needs "
-                          f"image-size x scale and feature-padding x scale to be multiples of "
-                          f"{PATCH} px for every scale (e.g. image-size=224, feature-padding=14,"
-                          " feature-scales=1)")
-    models = {side + 2 * pad: dinov2_vits14(pretrained, checkpoint or None, side + 2 * pad)
-              for side, pad in sides}
+                          f"image-size x scale to be a multiple of {PATCH} px for every scale "
+                          "(e.g. image-size=224 with feature-scales 1, 2 or 3)")
+    sides = [round(image_size * s) + 2 * scaled_padding(padding, s, PATCH) for s in scales]
+    models = {side: dinov2_vits14(pretrained, checkpoint or None, side) for side in sides}
     return PatchFeatureExtractor(ViTBlocks(models, layers), [WIDTH] * len(layers), neighbourhood,
-                                 padding, scales, photometric, centring)
+                                 padding, scales, photometric, centring, padding_step=PATCH)
 
 
 def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Module:
