@@ -143,6 +143,7 @@ def test_peer_cells_pair_with_the_federated_cells_data_and_split():
         "fixed": {"image-size": 64, "strategy": "fedavg"},
         "grid": {"method": ["padim", "memorybank"], "category": ["washer", "gear"],
                  "partitioner": ["iid", "label-wise"], "proximal-mu": [0.01, 0.1],
+                 "feature-source": ["lite0", "lite2"], "num-prototypes": [8, 16],
                  "num-clients": [2, 3]},
         "exclude": [{"partitioner": "label-wise", "num-clients": 3}],
         "peers": ["patchcore", "padim"],
@@ -155,7 +156,8 @@ def test_peer_cells_pair_with_the_federated_cells_data_and_split():
     first = peers[0]
     assert first.name == "peer-patchcore__category-washer__partitioner-iid__num-clients-2"
     assert first.params == {"method": "anomalib-patchcore", "category": "washer",
-                            "partitioner": "iid", "proximal-mu": "–", "num-clients": 2}
+                            "partitioner": "iid", "proximal-mu": "–", "feature-source": "–",
+                            "num-prototypes": "–", "num-clients": 2}  # fedad's settings: no peers
     assert first.run_config == {"image-size": 64, "strategy": "fedavg", "category": "washer",
                                 "partitioner": "iid"}
     assert first.num_clients == 2 and first.peer == {"model": "patchcore", "options": {}}
@@ -178,24 +180,24 @@ def test_bad_peers_are_refused_naming_the_file(peers, grid, message):
         assert "patchcore" in str(err.value) and "efficient_ad" in str(err.value)
 
 
-def test_the_real_dev_sweep_pairs_both_fedad_heads_with_both_peers_per_category():
+def test_the_real_dev_sweep_pairs_fedads_heads_with_both_peers_per_category():
     spec = load_spec(PROJECT_ROOT / "configs" / "real_dev.yaml",
                      overrides=["data-path=~/fedad-real"])
     cells = spec.cells()
-    assert [(c.kind, c.params["category"], c.params["method"]) for c in cells] == [
-        ("peer", "mpdd_metal_plate_512", "anomalib-patchcore"),
-        ("peer", "mpdd_metal_plate_512", "anomalib-padim"),
-        ("peer", "kolektorsdd", "anomalib-patchcore"),
-        ("peer", "kolektorsdd", "anomalib-padim"),
-        ("federated", "mpdd_metal_plate_512", "memorybank"),
-        ("federated", "mpdd_metal_plate_512", "padim"),
-        ("federated", "kolektorsdd", "memorybank"),
-        ("federated", "kolektorsdd", "padim")]
+    categories = ("mpdd_metal_plate_512", "kolektorsdd")
+    peers = [(c.params["category"], c.params["method"]) for c in cells if c.kind == "peer"]
+    assert peers == [(category, f"anomalib-{peer}") for category in categories
+                     for peer in ("patchcore", "padim")]
+    fedad = {(c.params["category"], c.params["method"], c.params["feature-source"])
+             for c in cells if c.kind == "federated"}
+    assert fedad == {(category, *head) for category in categories
+                     for head in (("memorybank", "lite0"), ("memorybank", "lite2"),
+                                  ("memorybank", "dinov2-vits14"), ("padim", "lite0"))}
     for cell in cells:
         cfg = ExperimentConfig.from_run_config({**cell.run_config, "results-dir": "/tmp/x"})
         assert (cfg.data_path, cfg.image_size, cfg.partitioner) == ("~/fedad-real", 224, "iid")
-        assert cell.num_clients == 3 and cell.run_config["feature-source"] == "lite0"
-    assert {c.peer["model"] for c in cells if c.kind == "peer"} == {"patchcore", "padim"}
+        assert cell.num_clients == 3 and not cfg.use_real_defects
+    assert all("feature-source" not in c.run_config for c in cells if c.kind == "peer")
     assert spec.runner == "in-process" and spec.table.rows == ("method", "feature-source")
 
 

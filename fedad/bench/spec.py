@@ -24,12 +24,12 @@ federation (e.g. per seed, per batch size).
 ``peers`` (a list of anomalib image model names, or a mapping name -> that model's init options
 and the peer options ``backbone``, ``layers``, ``max_epochs``) adds, per peer, one cell for each
 combination of the federated cells' values of the data keys (the keys that do not concern the
-federation, ``method`` aside) and of the split keys (:data:`PEER_SPLIT_KEYS`: the sites'
-training images depend on them). A peer cell fits the anomalib model on the normal training
-images of all the sites of its federated cells, and tests it on their test split, in its own
-process (:mod:`fedad.bench.peer`, whatever the ``runner``); ``method`` must be swept, as it
-tells the peers' rows from fedad's. Cells run in the order of :meth:`SweepSpec.cells`: the
-references (centralized, then peers) first.
+federation, ``method`` and fedad's method settings aside) and of the split keys
+(:data:`PEER_SPLIT_KEYS`: the sites' training images depend on them). A peer cell fits the
+anomalib model on the normal training images of all the sites of its federated cells, and tests
+it on their test split, in its own process (:mod:`fedad.bench.peer`, whatever the ``runner``);
+``method`` must be swept, as it tells the peers' rows from fedad's. Cells run in the order of
+:meth:`SweepSpec.cells`: the references (centralized, then peers) first.
 
 ``fedad bench --set KEY=VALUE`` overrides the file's run-config values (:func:`with_overrides`).
 
@@ -62,6 +62,8 @@ from typing import Any
 
 import tomli
 import yaml
+
+from fedad.config import section_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 NUM_CLIENTS = "num-clients"
@@ -228,10 +230,9 @@ class SweepSpec:
         return cells
 
     def _peer_cells(self, federated: list[Cell]) -> list[Cell]:
-        """Per peer, a cell per distinct combination of the federated cells' data and split
-        values (so excluded combinations have no peer either)."""
-        kept = [k for k in self.grid if k != "method"
-                and (k in PEER_SPLIT_KEYS or not is_federation_key(k))]
+        """Per peer, a cell per distinct combination of the federated cells' values of the
+        :func:`is_peer_key` keys (so excluded combinations have no peer either)."""
+        kept = [k for k in self.grid if is_peer_key(k)]
         combos = dict.fromkeys(tuple(c.params[k] for k in kept) for c in federated)
         cells = []
         for combo in combos:
@@ -245,6 +246,15 @@ class SweepSpec:
                                   _table_params(params, num_clients), values, num_clients,
                                   {"model": model, "options": options}))
         return cells
+
+
+def is_peer_key(key: str) -> bool:
+    """True for swept keys that change a peer's images: data keys and split keys, not
+    ``method`` nor the settings of fedad's methods (e.g. feature-source, num-prototypes: a peer
+    takes its backbone from its own ``backbone`` option or the fixed feature-source)."""
+    if key == "method" or key in section_keys():
+        return False
+    return key in PEER_SPLIT_KEYS or not is_federation_key(key)
 
 
 def is_federation_key(key: str) -> bool:
