@@ -15,8 +15,8 @@ global head *is* the pooled statistics, from which sites and server form the sam
 covariances, so it equals the centralized fit on the pooled patches. Later rounds re-send the
 same statistics and rebuild the same head: there is nothing to refine (use one round).
 Payload per site: K (1 + C + C^2) float64 values, 20.7 MB at the defaults (K = 16^2,
-C = 100), 81 KB shared; one Gaussian per position of the default 96 x 96 map (128 px,
-feature-scales 3) would be 745 MB.
+C = 100), 81 KB shared; one Gaussian per position of the default 112 x 112 map (224 px,
+feature-scales 2) would be 1 GB.
 
 The global whitening and the map baseline are kept. The whitening is one affine map on every
 site and the server, which leaves a full-covariance Mahalanobis distance as it is but for the

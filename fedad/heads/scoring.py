@@ -35,6 +35,9 @@ BASELINE_RECORD = "map-baseline"  # the array record that carries the baseline t
 PATCHES_PER_CHUNK = 1 << 16
 """Patches a head scores at once in :func:`anomaly_maps` (bounds its intermediate arrays: a
 full-covariance GMM holds [patches, components, D] in float64)."""
+EXTRACTION_BATCH = 4
+"""Images per backbone pass in :func:`extract_patches`: at feature-scales 2 and 224 px the
+backbone sees 512 px images, whose first activations are 32 MB each per image."""
 STORAGE_DTYPE = torch.float16
 """How a :class:`PatchSet` holds its features: half the memory of a site's normal set (10 MB
 per image at 224 px with the default levels); heads and whitening compute in float32."""
@@ -76,22 +79,32 @@ class PatchSet:
 
 def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
                     image_size: int, defect_types: Sequence[str] | None = None,
-                    batch_size: int = 16) -> PatchSet:
+                    batch_size: int = EXTRACTION_BATCH) -> PatchSet:
     """Patch features [N, D, h, w] (:data:`STORAGE_DTYPE`) of ``samples`` at ``image_size``
-    (and labels, masks, images)."""
+    (and labels, masks, images), written batch by batch into arrays allocated once: the set
+    holds :meth:`PatchSet.bytes_for` and extraction adds only one batch's activations."""
     if not samples:
         raise ValueError("extract_patches: no samples")
-    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types)
-    parts: dict[str, list] = {k: [] for k in PatchSet.__dataclass_fields__}
+    dataset = AnomalyDataset(samples, image_size, defect_types=defect_types, cache=False)
+    n = len(dataset)
+    labels, classes = np.empty(n, np.int64), np.empty(n, np.int64)
+    masks = np.empty((n, image_size, image_size), np.float32)
+    images = np.empty((n, image_size, image_size, 3), np.float32)
+    features: torch.Tensor | None = None
+    start = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        parts["features"].append(extractor(batch["image"]).to(STORAGE_DTYPE))
-        parts["labels"].append(batch["label"].numpy())
-        parts["defect_classes"].append(batch["defect_class"].numpy())
-        parts["masks"].append(batch["mask"][:, 0].numpy())
-        parts["images"].append(batch["image"].permute(0, 2, 3, 1).numpy())
-    return PatchSet(torch.cat(parts["features"]),
-                    *(np.concatenate(parts[k]) for k in ("labels", "defect_classes", "masks",
-                                                         "images")))
+        part = extractor(batch["image"])
+        if features is None:
+            features = torch.empty((n, *part.shape[1:]), dtype=STORAGE_DTYPE)
+        stop = start + len(part)
+        features[start:stop] = part
+        labels[start:stop] = batch["label"].numpy()
+        classes[start:stop] = batch["defect_class"].numpy()
+        masks[start:stop] = batch["mask"][:, 0].numpy()
+        images[start:stop] = batch["image"].permute(0, 2, 3, 1).numpy()
+        start = stop
+    assert features is not None and start == n
+    return PatchSet(features, labels, classes, masks, images)
 
 
 def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, image_size: int,
