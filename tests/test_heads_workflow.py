@@ -200,3 +200,13 @@ def test_patch_set_bytes_match_what_extraction_holds(dataset, tmp_path):
     held = sum(x.nbytes for x in (patches.features.numpy(), patches.images, patches.masks))
     maps = 3 * 4 * 64 * 64
     assert PatchSet.bytes_for(3, extractor_for(cfg).dim, feature_grid(cfg), 64) == held + maps
+
+
+def test_padim_runs_one_round_whatever_num_server_rounds_says(dataset, tmp_path):
+    results = tmp_path / "results"
+    summary = run_in_process(config(dataset, results, method="padim", **{
+        "num-server-rounds": 3, "gaussian-grid": 4, "gaussian-channels": 8}), 2)
+    assert summary["rounds"] == 1
+    assert pd.read_csv(results / "rounds.csv")["round"].tolist() == [1]
+    assert {r["kind"] for r in crossings(results)} >= {"gaussian-stats"}
+    assert max(r["round"] for r in crossings(results)) == 1

@@ -124,10 +124,8 @@ HEADS = {"num-prototypes": 8, "gmm-components": 2, "gmm-covariance": "diag", "fl
 
 
 @pytest.mark.parametrize("settings", [MAE, {**HEADS, "method": "memorybank"},
-                                      {**HEADS, "method": "gmm"}, {**HEADS, "method": "flow"},
-                                      {**HEADS, "method": "padim", "gaussian-grid": 4,
-                                       "gaussian-channels": 8}],
-                         ids=lambda s: s["method"])
+                                      {**HEADS, "method": "gmm"}, {**HEADS, "method": "flow"}],
+                         ids=lambda s: s["method"])  # padim runs one round: nothing to resume
 def test_every_method_resumes_after_round_one_and_ends_as_an_uninterrupted_run(
         data_path, tmp_path, settings):
     reference = run_server(_cfg(data_path, tmp_path / "reference", **settings), tmp_path)

@@ -24,6 +24,8 @@ class FeatureHead(ABC):
 
     fit_kind: str  # payload kind of a fitted head
     refine_kind: str  # payload kind of a site's refinement reply
+    refines: bool = True
+    """Whether rounds after the first change the head (False: the workflow runs one round)."""
 
     def __init__(self, settings: HeadSettings, dim: int, seed: int = 0,
                  grid: tuple[int, int] | None = None) -> None:

@@ -13,7 +13,8 @@ Federated exactly, in one round: each site sends, per Gaussian, its patch count,
 outer-product sum [C, C] in float64 (a ``gaussian-stats`` payload); the server adds them. The
 global head *is* the pooled statistics, from which sites and server form the same means and
 covariances, so it equals the centralized fit on the pooled patches. Later rounds re-send the
-same statistics and rebuild the same head: there is nothing to refine (use one round).
+same statistics and would rebuild the same head, so the workflow runs one round whatever
+num-server-rounds says.
 Payload per site: K (1 + C + C^2) float64 values, 20.7 MB at the defaults (K = 16^2,
 C = 100), 81 KB shared; one Gaussian per position of the default 112 x 112 map (224 px,
 feature-scales 2) would be 1 GB.
@@ -47,6 +48,7 @@ class GaussianHead(FeatureHead):
 
     fit_kind = "gaussian-stats"
     refine_kind = "gaussian-stats"
+    refines = False  # exact in one round: later rounds would rebuild the same head
 
     def __init__(self, settings: HeadSettings, dim: int, seed: int = 0,
                  grid: tuple[int, int] | None = None) -> None:

@@ -183,7 +183,8 @@ def _restore(state: dict[str, torch.Tensor], strategy_state: dict
 
 
 def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
-    """Run ``cfg.num_server_rounds`` rounds of a feature head; returns the summary."""
+    """Run ``cfg.num_server_rounds`` rounds of a feature head (one for a head that does not
+    refine, e.g. padim); returns the summary."""
     settings = head_settings(cfg)
     if settings.bank_clustering == "coreset":
         raise ConfigError("bank-clustering='coreset' sends patch features (its prototypes are "
@@ -208,7 +209,11 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
         global_head, exchange.whitening = _restore(state, strategy_state)
     elif settings.feature_whitening:
         exchange.agree_whitening()
-    for server_round in range(done + 1, cfg.num_server_rounds + 1):
+    rounds = cfg.num_server_rounds if head.refines else 1
+    if rounds < cfg.num_server_rounds:
+        log.info("%s: exact in one round; rounds 2-%d would rebuild the same head: skipped",
+                 cfg.method, cfg.num_server_rounds)
+    for server_round in range(done + 1, rounds + 1):
         payloads = exchange.collect(server_round, global_head)
         if len(payloads) < min(cfg.min_train_nodes, len(run.nodes)):
             log.error("round %d: %d usable replies < min-train-nodes=%d; round skipped",
