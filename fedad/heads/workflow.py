@@ -171,8 +171,8 @@ def _round_state(global_head: Payload, whitening: Whitening | None,
     return state
 
 
-def _restore(state: dict[str, torch.Tensor], strategy_state: dict
-             ) -> tuple[Payload, Whitening | None]:
+def restore_head(state: dict[str, torch.Tensor], strategy_state: dict
+                 ) -> tuple[Payload, Whitening | None]:
     """The global head and whitening of a checkpoint written with :func:`_round_state`."""
     arrays = {k: v.numpy() for k, v in state.items()}
     arrays.pop("map_baseline", None)
@@ -206,7 +206,7 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
     global_head: Payload | None = None
     done, state, strategy_state = run.resume_point()
     if done:
-        global_head, exchange.whitening = _restore(state, strategy_state)
+        global_head, exchange.whitening = restore_head(state, strategy_state)
     elif settings.feature_whitening:
         exchange.agree_whitening()
     rounds = cfg.num_server_rounds if head.refines else 1
