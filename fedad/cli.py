@@ -89,15 +89,17 @@ def _report(args: argparse.Namespace) -> int:
 
     from fedad.bench.report import is_sweep, run_report, sweep_report
     from fedad.bench.spec import SweepError
+    from fedad.report_html import write_html_report
 
     root = Path(args.dir)
     try:
         if is_sweep(root):
-            for path in sweep_report(root):
+            for path in [*sweep_report(root), write_html_report(root)]:
                 print(f"wrote {path}")
             print((root / "table.md").read_text())
             return 0
         rounds, plots = run_report(root)
+        plots.append(write_html_report(root))
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -110,6 +112,56 @@ def _report(args: argparse.Namespace) -> int:
         print("\nper defect type (last round):\n"
               + pd.read_csv(per_type).to_markdown(index=False, floatfmt=".3f"))
     print("\n".join(f"wrote {path}" for path in plots))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fedad.predict import (
+        InputError,
+        RunError,
+        collect_inputs,
+        load_scorer,
+        open_run,
+        predict_images,
+        run_thresholds,
+    )
+
+    try:
+        run = open_run(args.results_dir, args.round)
+        thresholds = run_thresholds(run)
+        thresholds = replace(thresholds, **{k: v for k, v in (
+            ("image", args.threshold), ("pixel", args.pixel_threshold)) if v is not None})
+        result = predict_images(load_scorer(run), collect_inputs(args.inputs), args.out,
+                                thresholds, batch_size=args.batch_size)
+    except (RunError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for line in result.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    anomalous = int((result.table["decision"] == "anomalous").sum())
+    print(f"fedad: {run.cfg.method} round {run.round}: {len(result.table)} images scored, "
+          f"{anomalous} anomalous (score >= {thresholds.image:g}), {len(result.skipped)} "
+          "skipped")
+    print("\n".join(f"wrote {path}" for path in result.written))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedad.export import ExportError, export_and_check
+    from fedad.predict import RunError, open_run
+
+    try:
+        run = open_run(args.results_dir, args.round)
+        path, difference, checked = export_and_check(run, args.format, args.out,
+                                                     args.batch_size, args.check_images)
+    except (RunError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"fedad: {run.cfg.method} round {run.round} -> {path} ({args.format})")
+    print(f"check: {args.format} vs torch on {checked} test images: largest difference "
+          f"{difference:.2g}")
     return 0
 
 
@@ -276,6 +328,38 @@ def build_parser() -> argparse.ArgumentParser:
                             "of a sweep folder")
     report.add_argument("dir")
     report.set_defaults(func=_report)
+
+    predict = sub.add_parser("predict", help="score images with a run's global model: "
+                             "predictions.csv, overlays, masks, a grid of the most anomalous")
+    predict.add_argument("results_dir", help="a finished run's results folder")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders, or an MVTec AD category folder (its test "
+                              "images)")
+    predict.add_argument("--out", required=True, help="folder for the outputs")
+    predict.add_argument("--round", type=int, default=None,
+                         help="the round's global model (default: the last)")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="image decision threshold on the [0, 1] score (default: the "
+                              "run's)")
+    predict.add_argument("--pixel-threshold", type=float, default=None,
+                         help="threshold of the binary masks on the [0, 1] map (default: the "
+                              "run's)")
+    predict.add_argument("--batch-size", type=int, default=4,
+                         help="images per forward pass (a feature head's enlarged views take "
+                              "tens of MB each)")
+    predict.set_defaults(func=_predict)
+
+    export = sub.add_parser("export", help="a run's global model as ONNX, TorchScript or "
+                            "OpenVINO (image tensor -> score, map), checked against torch")
+    export.add_argument("results_dir", help="a finished run's results folder")
+    export.add_argument("--format", required=True, help="onnx, torchscript or openvino")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--round", type=int, default=None,
+                        help="the round's global model (default: the last)")
+    export.add_argument("--batch-size", type=int, default=1, help="the graph's fixed batch")
+    export.add_argument("--check-images", type=int, default=None,
+                        help="test images the check runs (default: all)")
+    export.set_defaults(func=_export)
 
     config = sub.add_parser("config", help="run-config keys").add_subparsers(
         dest="config_command", required=True)

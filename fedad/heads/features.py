@@ -163,7 +163,7 @@ class PatchFeatureExtractor(nn.Module):
     def _crop(self, level: torch.Tensor, padding: int, padded_side: int) -> torch.Tensor:
         """A level's map [B, C, h, w] of the image padded by ``padding`` pixels, cropped back
         to the image."""
-        cells, rest = divmod(padding * level.shape[-1], padded_side)
+        cells, rest = divmod(padding * int(level.shape[-1]), int(padded_side))  # ints if traced
         if rest:
             raise ValueError(f"feature-padding={self.padding}: not a multiple of this level's "
                              f"stride ({padded_side // level.shape[-1]} px) for images of "
