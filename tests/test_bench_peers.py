@@ -191,8 +191,8 @@ def test_the_real_dev_sweep_pairs_fedads_heads_with_both_peers_per_category():
     fedad = {(c.params["category"], c.params["method"], c.params["feature-source"])
              for c in cells if c.kind == "federated"}
     assert fedad == {(category, *head) for category in categories
-                     for head in (("memorybank", "lite0"), ("memorybank", "dinov2-vits14"),
-                                  ("padim", "lite0"))}
+                     for head in (("memorybank", "lite0"), ("padim", "lite0"))} | {
+        ("mpdd_metal_plate_512", "memorybank", "dinov2-vits14")}
     for cell in cells:
         cfg = ExperimentConfig.from_run_config({**cell.run_config, "results-dir": "/tmp/x"})
         assert (cfg.data_path, cfg.image_size, cfg.partitioner) == ("~/fedad-real", 224, "iid")
