@@ -152,15 +152,14 @@ def test_a_tiny_padim_run_writes_finite_rounds_and_only_statistics_cross(tmp_pat
         "results-dir": str(results), "num-server-rounds": 2, "plot-every-round": False,
         "gaussian-grid": 4, "gaussian-channels": 8})
     summary = run_in_process(cfg, 2)
-    assert summary["method"] == "padim" and summary["rounds"] == 2
+    assert summary["method"] == "padim" and summary["rounds"] == 1  # exact in one round
     rounds = pd.read_csv(results / "rounds.csv")
     metrics = rounds[["image_auroc", "pixel_auroc", "aupro"]]
-    assert np.isfinite(metrics.to_numpy()).all()
-    assert metrics.iloc[0].tolist() == metrics.iloc[1].tolist()  # round 2 rebuilds the head
+    assert len(rounds) == 1 and np.isfinite(metrics.to_numpy()).all()
     crossed = [json.loads(line) for line in (results / "payloads.jsonl").read_text().splitlines()]
     assert all(r["accepted"] for r in crossed)
     stats = [r for r in crossed if r["kind"] == "gaussian-stats"]
-    assert len(stats) == 4
+    assert len(stats) == 2  # one per site
     assert all(r["shapes"] == {"counts": [16], "sums": [16, 8], "outer": [16, 8, 8]}
                for r in stats)
     num_patches = min(r["count"] for r in stats)
