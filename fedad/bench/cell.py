@@ -14,12 +14,11 @@ every site share it), and ``cell_seconds``, the wall time of the run in this pro
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
-from fedad.bench.cost import COST, peak_memory_mb
+from fedad.bench.cost import COST, cell_main, peak_memory_mb
 from fedad.config import ExperimentConfig
 from fedad.inprocess import run_in_process
 
@@ -38,14 +37,7 @@ def run_cell(folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: the cell folder."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fedad.bench.cell CELL_FOLDER", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
-    run_cell(Path(args[0]))
-    return 0
+    return cell_main(argv, "fedad.bench.cell", run_cell)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import numpy as np
 import timm
 import torch
 
-from fedad.bench.cost import peak_memory_mb
+from fedad.bench.cost import cell_main, peak_memory_mb
 from fedad.bench.spec import PEER_METHOD, peer_model_names
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import AnomalyDataset, DatasetError, Sample
@@ -348,18 +348,8 @@ def run_peer(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Command line: the cell folder; 1 with one ``error:`` line for a known failure (a peer,
     config, dataset or backbone error)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fedad.bench.peer CELL_FOLDER", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
-    try:
-        run_peer(Path(args[0]))
-    except (PeerError, ConfigError, DatasetError, BackboneError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return cell_main(argv, "fedad.bench.peer", run_peer,
+                     (PeerError, ConfigError, DatasetError, BackboneError))
 
 
 if __name__ == "__main__":
