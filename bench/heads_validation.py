@@ -99,10 +99,12 @@ def validate(root: Path, category: str, image_size: int, points: list[HeadSettin
             held_out = {extent: torch.cat([extractor(batch) for batch in torch.cat(
                 [normals, anomalous]).split(16)]) for extent, (anomalous, _) in anomalies.items()}
         for settings, by_fit in grouped(by_features, fit_fields):
-            fit_set = fit_patches.flat(settings.max_patches, seed=seed)
-            whitening = (Whitening.from_moments([feature_moments(fit_set)])
-                         if settings.feature_whitening else None)
-            head = HEADS[method](settings, fit_set.shape[1], seed)
+            head = HEADS[method](settings, fit_patches.features.shape[1], seed,
+                                 tuple(fit_patches.features.shape[-2:]))
+            fit_set = head.fit_rows(fit_patches, seed)
+            whitening = (Whitening.from_moments([feature_moments(
+                fit_patches.flat(settings.max_patches, seed=seed))])
+                if settings.feature_whitening else None)
             payload = head.fit_local(whiten(fit_set, whitening))
             for mapping, by_map in grouped(by_fit, MAP_FIELDS):
                 maps_of = functools.partial(anomaly_maps, head, payload, image_size=image_size,

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from fedad.methods import method_names
+from fedad.methods import method_entry, method_names
 from partitions import PARTITIONERS
 
 Section = TypeVar("Section")
@@ -65,8 +65,8 @@ class ExperimentConfig:
     """Partitioner: iid, label-wise (one client per defect type), dirichlet or by-category."""
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet partitioner."""
-    num_server_rounds: int = 4
-    """Federated rounds."""
+    num_server_rounds: int = 0
+    """Federated rounds; 0: the method's own (msvt, mae, dadda 4; the feature heads 1)."""
     local_epochs: int = 50
     """Local training epochs of a site per round."""
     batch_size: int = 8
@@ -116,6 +116,8 @@ class ExperimentConfig:
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        if self.num_server_rounds == 0 and self.method in method_names():
+            object.__setattr__(self, "num_server_rounds", method_entry(self.method).rounds)
         self._check()
 
     def _check(self) -> None:
@@ -127,8 +129,10 @@ class ExperimentConfig:
             raise ConfigError(
                 f"partitioner={self.partitioner!r}: expected one of {', '.join(PARTITIONERS)}"
             )
-        positive = ("num_server_rounds", "local_epochs", "batch_size", "image_size")
-        for name in positive:
+        if self.num_server_rounds < 1:
+            raise ConfigError(f"num-server-rounds={self.num_server_rounds}: must be >= 1, or 0 "
+                              "for the method's own")
+        for name in ("local_epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_kebab(name)}={getattr(self, name)}: must be >= 1")
         if self.image_size % 32:

@@ -10,6 +10,8 @@ never imports another method's dependencies.
   :class:`fedad.task.ModelRecipe` that builds, trains and runs the model.
 - ``actions``: the tuple of the method's custom site actions (``query.<action>`` messages,
   from its protocol module), which the ClientApp routes besides ``train`` and ``evaluate``.
+- ``rounds``: the method's own number of federated rounds, used when ``num-server-rounds`` is 0
+  (its default).
 
 Adding a method touches its folder under ``fedad/``, its module under ``clients/`` and one
 line here.
@@ -30,6 +32,7 @@ class MethodEntry:
     client: str
     recipe: str = ""
     actions: str = ""
+    rounds: int = 4
 
 
 _MODEL_SERVER = "fedad.federation:run_federated"
@@ -42,7 +45,7 @@ METHODS: dict[str, MethodEntry] = {
     "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.mae.training:MAE_RECIPE"),
     **{head: MethodEntry("fedad.heads.workflow:run_feature_head",
                          "clients.feature_head:FeatureHeadClient",
-                         actions="fedad.heads.protocol:QUERY_ACTIONS")
+                         actions="fedad.heads.protocol:QUERY_ACTIONS", rounds=1)
        for head in ("memorybank", "gmm", "flow", "padim")},
 }
 

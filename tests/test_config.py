@@ -65,7 +65,7 @@ def test_unknown_keys_are_refused_with_the_closest_valid_key(tmp_path):
         ({"partitioner": "random"}, "partitioner='random'"),
         ({"method": "nope"}, "method='nope'"),
         ({"image-size": 100}, "image-size=100"),
-        ({"num-server-rounds": 0}, "num-server-rounds=0"),
+        ({"num-server-rounds": -1}, "num-server-rounds=-1"),
         ({"lr": "fast"}, "lr='fast'"),
         ({"data-path": "/no/such/dir"}, "data-path='/no/such/dir'"),
         ({"use-real-defects": "maybe"}, "use-real-defects='maybe'"),
@@ -74,6 +74,12 @@ def test_unknown_keys_are_refused_with_the_closest_valid_key(tmp_path):
 def test_bad_settings_name_the_key(settings, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         ExperimentConfig.from_run_config(settings)
+
+
+@pytest.mark.parametrize(("method", "rounds"), [("msvt", 4), ("memorybank", 1), ("padim", 1)])
+def test_num_server_rounds_zero_is_the_methods_own(method, rounds):
+    assert ExperimentConfig(method=method).num_server_rounds == rounds
+    assert ExperimentConfig(method=method, num_server_rounds=3).num_server_rounds == 3
 
 
 def test_yaml_round_trip(tmp_path):
