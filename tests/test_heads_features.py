@@ -7,7 +7,7 @@ import torch
 from fedad.heads.features import build_extractor, photometric_normalised
 from fedad.heads.settings import HeadSettings
 from fedad.models import create_model, trainable_state_dict
-from fedad.models.backbones import BackboneError, load_packaged_state_dict
+from fedad.models.backbones import BackboneError, create_backbone, load_packaged_state_dict
 
 
 def test_lite0_patch_features_have_the_finest_chosen_stride():
@@ -21,8 +21,14 @@ def test_packaged_lite2_patch_features_come_from_its_imagenet_weights():
     extractor = build_extractor("lite2", layers=(1, 2, 3), neighbourhood=3, image_size=64)
     features = extractor(torch.rand(2, 3, 64, 64))
     assert features.shape == (2, 24 + 48 + 120, 16, 16) and extractor.dim == 192
-    torch.testing.assert_close(extractor.levels.model.conv_stem.weight,
+    packaged = create_backbone("lite2", out_indices=(1, 2, 3)).eval()
+    torch.testing.assert_close(packaged.model.conv_stem.weight,
                                load_packaged_state_dict("lite2")["conv_stem.weight"])
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():  # the extractor's (batch-norm folded) levels compute the same maps
+        for ours, reference in zip(extractor.levels(image), packaged(image), strict=True):
+            torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4 * float(
+                reference.abs().max()))
 
 
 def test_neighbourhood_aggregation_smooths_features():

@@ -16,6 +16,7 @@ from fedad.models.backbones import (
     BackboneError,
     create_backbone,
     create_classifier,
+    fold_batchnorm,
     load_packaged_state_dict,
     pretrained_classifier,
 )
@@ -172,3 +173,36 @@ def test_offline_hub_and_missing_packaged_weights_are_one_line_errors(monkeypatc
         create_backbone("wide_resnet50_2")
     with pytest.raises(BackboneError, match="feature-pretrained='imagenet'"):
         create_backbone("lite0", weights="imagenet")
+
+
+@pytest.mark.parametrize("name", ["lite0", "resnet18"])
+def test_folded_batchnorm_computes_the_same_features_without_batchnorm(name: str) -> None:
+    weights = "packaged" if name == "lite0" else "none"
+    backbone = create_backbone(name, weights=weights, out_indices=(1, 2, 3)).eval()
+    folded = fold_batchnorm(backbone)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())  # untouched
+    image = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for ours, reference in zip(folded(image), backbone(image), strict=True):
+            assert ours.shape == reference.shape
+            assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+class _NormBeforeConv(torch.nn.Module):
+    """Registers a conv then a batch norm but applies the norm first: folding would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.norm.running_mean.fill_(0.5)
+        self.norm.running_var.fill_(2.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(images))
+
+
+def test_folding_a_module_that_applies_its_children_out_of_order_keeps_it() -> None:
+    model = _NormBeforeConv()
+    assert fold_batchnorm(model) is model

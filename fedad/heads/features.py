@@ -44,7 +44,7 @@ from torch import nn
 
 from fedad.config import ConfigError
 from fedad.models import FeatureBackbone, create_backbone, create_model, load_trainable_state_dict
-from fedad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError
+from fedad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError, fold_batchnorm
 from fedad.models.dinov2 import DEPTH, PATCH, WIDTH, dinov2_vits14
 
 PHOTOMETRIC = ("none", "grey-world", "standardize")
@@ -301,5 +301,5 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
                                      photometric=photometric, centring=centring)
     backbone: FeatureBackbone = create_backbone(
         source, weights=pretrained, checkpoint=checkpoint or None, out_indices=layers)
-    return PatchFeatureExtractor(backbone, backbone.channels, neighbourhood, padding, scales,
-                                 photometric, centring)
+    return PatchFeatureExtractor(fold_batchnorm(backbone), backbone.channels, neighbourhood,
+                                 padding, scales, photometric, centring)
