@@ -5,12 +5,13 @@ Defaults are fixed a priori from the papers: Gaussian smoothing of the upsampled
 defaults). The others were chosen on validation splits of synthetic anomalies, small and large,
 on held-out training normals of the two real dev sets (MPDD metal_plate, KolektorSDD;
 bench/heads_validation.py, BENCHMARKS.md "Feature heads on real images"), never on test images:
-the backbone seeing the image enlarged 2x (feature-scales; 3 scores the same or a little better
-at 2.25x the cost, 1 is clearly worse), the stride-4 level beside PatchCore's middle levels
-(feature-layers 1,2,3 rather than 2,3), no per-image photometric normalisation (grey-world was
-worse on MPDD and mixed on KolektorSDD), K = 300 prototypes (1000 no better). Whitening, the
-reflect padding, the map baseline (no effect either way on the real validation splits) and
-sigma = 2 come from the synthetic validation of earlier versions.
+Lite0's stride-2, 4 and 16 levels at the image's own size (feature-layers 0,1,3, feature-scales
+1) scored level with the stride-4, 8, 16 levels of the image enlarged 2x (1,2,3 at 2: better on
+MPDD, worse on KolektorSDD, the same on average, for the memory bank and padim) at a quarter of
+the backbone work; no per-image photometric normalisation (grey-world was worse on MPDD and
+mixed on KolektorSDD), K = 300 prototypes (1000 no better). Whitening, the reflect padding, the
+map baseline (no effect either way on the real validation splits) and sigma = 2 come from the
+synthetic validation of earlier versions.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ class HeadSettings(MapSettings):
 
     feature_source: str = "lite0"
     """Feature backbone: lite0, lite1, lite2, any timm name, or msvt."""
-    feature_layers: str = "1,2,3"
-    """timm out_indices, Lite0 strides 4/8/16 (msvt: its stages)."""
+    feature_layers: str = "0,1,3"
+    """timm out_indices, Lite0 strides 2/4/16 (msvt: its stages; DINOv2: its blocks)."""
     feature_neighbourhood: int = 3
     """Side of the patch neighbourhood averaged into each feature."""
     feature_padding: int = 32
     """Reflect padding of the image, pixels (fedad.heads.features)."""
-    feature_scales: str = "2"
+    feature_scales: str = "1"
     """Image resize factors seen by the backbone, e.g. "1,2"."""
     feature_photometric: str = "none"
     """Per-image photometric normalisation (fedad.heads.features)."""
