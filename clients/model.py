@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from clients.base import SiteClient
 from fedad.attacks import AttackSettings, apply_attack
+from fedad.metrics import auroc, average_precision
 from fedad.msvt import protocol
 from fedad.seeding import seed_everything
 from fedad.task import ExtraLoss, arrays_to_model, model_recipe, model_to_arrays
@@ -110,10 +111,22 @@ class ModelClient(SiteClient):
 
 def validation_accuracy(predictions: Predictions) -> dict[str, float]:
     """Pixel accuracy (Fed-MSVT eq. 4: (TP + TN) / all pixels) and image accuracy, both at the
-    method's decision threshold 0.5 on maps and scores in [0, 1]."""
-    pixel = ((predictions.maps >= 0.5) == (predictions.masks > 0.5)).mean()
-    image = ((predictions.image_scores >= 0.5) == (predictions.labels > 0)).mean()
-    return {protocol.VAL_PIXEL_ACCURACY: float(pixel), protocol.VAL_IMAGE_ACCURACY: float(image)}
+    method's decision threshold 0.5 on maps and scores in [0, 1]; pixel AUROC, pixel AP and
+    image AUROC (threshold-free; protocol.UNDEFINED where the split lacks a class)."""
+    truth = predictions.masks.ravel() > 0.5
+    labels = predictions.labels > 0
+    pixel = ((predictions.maps.ravel() >= 0.5) == truth).mean()
+    image = ((predictions.image_scores >= 0.5) == labels).mean()
+    has_pixels, has_images = 0 < truth.sum() < truth.size, 0 < labels.sum() < labels.size
+    return {
+        protocol.VAL_PIXEL_ACCURACY: float(pixel), protocol.VAL_IMAGE_ACCURACY: float(image),
+        protocol.VAL_PIXEL_AUROC: (auroc(truth, predictions.maps.ravel()) if has_pixels
+                                   else protocol.UNDEFINED),
+        protocol.VAL_PIXEL_AP: (average_precision(truth, predictions.maps.ravel())
+                                if has_pixels else protocol.UNDEFINED),
+        protocol.VAL_IMAGE_AUROC: (auroc(labels, predictions.ranked()) if has_images
+                                   else protocol.UNDEFINED),
+    }
 
 
 def _proximal_term(model: torch.nn.Module, mu: float):

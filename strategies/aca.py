@@ -6,9 +6,13 @@ each reply's metrics under ``aca-weight`` and the inner strategy is built with
 ``weighted_by_key="aca-weight"``, so FedAvg averages with these weights and FedAvgM, FedAdam,
 FedYogi apply their server optimizer to that average; FedProx's proximal term acts on the sites.
 
-- q_i (eq. 4): the site's pixel accuracy (TP + TN) / all pixels of its locally trained model on
-  its own held-out validation split, at the method's decision threshold 0.5 on the anomaly map
-  (maps are probabilities; see clients/model.py). Sent as the metric ``val_pixel_accuracy``.
+- q_i: a validation metric of the site's locally trained model on its own held-out validation
+  split (clients/model.py), chosen by ``aca-quality-metric``: ``pixel-ap`` (the default),
+  ``pixel-auroc``, ``image-auroc``, or the paper's eq. 4 ``pixel-accuracy``, (TP + TN) / all
+  pixels at the decision threshold 0.5. Pixel accuracy is dominated by the true negatives of
+  small defects (0.93-1.00 at every site of the label-wise benchmarks, so the weights were
+  uniform); average precision is not. A site whose split cannot define the metric (no defect
+  pixels) gets the mean q of the round's other sites, and the log says so.
 - s_i (eq. 5): 1 / Var(theta_i^t - theta_i^{t-1}) over all trainable parameters, with
   theta_i^{t-1} the site's previous reply, kept on the server per node id. In a site's first
   round, theta_i^{t-1} is the global model it started from (so s_i measures its local update).
@@ -40,6 +44,10 @@ from strategies.statistics import StatisticsStrategy, reply_metrics, with_metric
 log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "aca-weight"
+QUALITY_METRICS = {"pixel-ap": protocol.VAL_PIXEL_AP, "pixel-auroc": protocol.VAL_PIXEL_AUROC,
+                   "image-auroc": protocol.VAL_IMAGE_AUROC,
+                   "pixel-accuracy": protocol.VAL_PIXEL_ACCURACY}
+"""aca-quality-metric values -> the reply metric that is q_i."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,9 @@ class ACASettings:
     """Run-config section of ACA (keys ``aca-*``)."""
 
     aca_quality: bool = True
-    """Weigh a site by q_i, its pixel accuracy on its own validation split (eq. 4)."""
+    """Weigh a site by q_i, a metric of its local model on its own validation split."""
+    aca_quality_metric: str = "pixel-ap"
+    """q_i: pixel-ap, pixel-auroc, image-auroc or pixel-accuracy (the paper's eq. 4)."""
     aca_stability: bool = True
     """Weigh a site by s_i, 1 / variance of its update (eq. 5)."""
     aca_domain: bool = False
@@ -60,6 +70,9 @@ class ACASettings:
     """Floor of the update variance in s_i."""
 
     def __post_init__(self) -> None:
+        if self.aca_quality_metric not in QUALITY_METRICS:
+            raise ValueError(f"aca-quality-metric={self.aca_quality_metric!r}: must be one of "
+                             f"{', '.join(QUALITY_METRICS)}")
         if not 0.0 <= self.aca_count_mix <= 1.0:
             raise ValueError(f"aca-count-mix={self.aca_count_mix}: must be in [0, 1]")
         if not 0.0 <= self.aca_floor < 1.0:
@@ -157,6 +170,7 @@ class AdaptiveClientAggregation(StatisticsStrategy):
     def client_weights(self, server_round: int, replies: list[Message]) -> np.ndarray:
         """w_i [N] of eq. (3) for ``replies`` (updates the per-node history; logs each row)."""
         rows = [self._factors(server_round, m) for m in replies]
+        _fill_undefined_quality(server_round, rows)
         if self.settings.aca_domain:
             self._domain_factors(rows)
         raw = np.array([r["q"] * r["s"] * r["d"] if not r["reason"] else 0.0 for r in rows])
@@ -165,6 +179,7 @@ class AdaptiveClientAggregation(StatisticsStrategy):
         weights = combine_weights(raw, counts, self.settings.aca_count_mix, self.settings.aca_floor)
         for row, weight in zip(rows, weights, strict=True):
             row.pop("prototype", None)
+            row.pop("q_undefined", None)
             row["weight"] = float(weight)
             if weight == 0 and not row["reason"]:
                 row["reason"] = "q*s*d not finite and positive"
@@ -184,10 +199,13 @@ class AdaptiveClientAggregation(StatisticsStrategy):
                "num_examples": float(metrics.get("num-examples", 0)), "q": 1.0, "s": 1.0,
                "d": 1.0, "reason": "", "prototype": metrics.get(protocol.PROTOTYPE)}
         if self.settings.aca_quality:
-            q = float(metrics.get(protocol.VAL_PIXEL_ACCURACY, float("nan")))
+            key = QUALITY_METRICS[self.settings.aca_quality_metric]
+            q = float(metrics.get(key, float("nan")))
             row["q"] = q
-            if not (np.isfinite(q) and q > 0):
-                row["reason"] = f"no valid {protocol.VAL_PIXEL_ACCURACY} ({q})"
+            if q == protocol.UNDEFINED:
+                row["q_undefined"] = True
+            elif not (np.isfinite(q) and q > 0):
+                row["reason"] = f"no valid {key} ({q})"
         vector = flatten(next(iter(msg.content.array_records.values())))
         if self.settings.aca_stability:
             reference = self.history.get(node, self.global_vector)
@@ -230,3 +248,16 @@ class AdaptiveClientAggregation(StatisticsStrategy):
         self.history = {int(k): torch.as_tensor(v).numpy().astype(np.float32)
                         for k, v in state["history"].items()}
         self.weight_log = list(state["weight_log"])
+
+
+def _fill_undefined_quality(server_round: int, rows: list[dict]) -> None:
+    """Rows whose split could not define q_i get the mean q of the others (or 1 if none)."""
+    undefined = [r for r in rows if r.get("q_undefined")]
+    if not undefined:
+        return
+    defined = [r["q"] for r in rows if not r.get("q_undefined") and not r["reason"]]
+    fill = float(np.mean(defined)) if defined else 1.0
+    for row in undefined:
+        row["q"] = fill
+        log.info("round %d: node %d's validation split cannot define q_i: the others' mean "
+                 "%.3f is used", server_round, row["node"], fill)

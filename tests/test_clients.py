@@ -6,10 +6,12 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from clients import create_client
+from clients.model import validation_accuracy
 from fedad.config import ExperimentConfig
 from fedad.data import generate_dataset
 from fedad.models import trainable_state_dict
 from fedad.task import build_model, model_to_arrays
+from fedad.train.predictions import Predictions
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,30 @@ def test_train_reports_what_aca_and_cfa_ask_for(cfg):
                            "cfa-anchor-partitions": [0, 1]})
     _, metrics = _train(client, initial, config)
     assert 0 <= metrics["val_pixel_accuracy"] <= 1 and metrics["partition"] == 1
+    for key in ("val_pixel_auroc", "val_pixel_ap", "val_image_auroc"):
+        assert metrics[key] == -1.0 or 0 <= metrics[key] <= 1
     prototype = np.array(metrics["prototype"])
     assert prototype.shape == (128,) and np.linalg.norm(prototype) == pytest.approx(1.0, rel=1e-4)
     assert metrics["train_extra_loss"] > 0
     _, plain = _train(client, initial, ConfigRecord({"server-round": 2}))
     assert "prototype" not in plain and "val_pixel_accuracy" not in plain
+
+
+def test_validation_metrics_rank_the_maps_and_mark_what_the_split_cannot_define():
+    masks = np.zeros((4, 8, 8), np.float32)
+    masks[2:, :2] = 1.0
+    maps = masks * 0.1 + 0.3  # every defect pixel above every normal one, all below 0.5
+    predictions = Predictions(maps=maps, masks=masks, labels=np.array([0, 0, 1, 1]),
+                              image_scores=np.array([0.1, 0.6, 0.2, 0.9]),
+                              defect_classes=np.zeros(4, np.int64),
+                              images=np.zeros((4, 8, 8, 3), np.float32))
+    metrics = validation_accuracy(predictions)
+    assert metrics["val_pixel_auroc"] == pytest.approx(1.0)
+    assert metrics["val_pixel_ap"] == pytest.approx(1.0)
+    assert metrics["val_pixel_accuracy"] == pytest.approx(1 - masks.mean())  # threshold 0.5
+    assert metrics["val_image_auroc"] == pytest.approx(0.75)
+    normal = Predictions(maps=maps[:2], masks=masks[:2], labels=np.zeros(2, np.int64),
+                         image_scores=np.array([0.1, 0.6]), defect_classes=np.zeros(2, np.int64),
+                         images=np.zeros((2, 8, 8, 3), np.float32))
+    undefined = validation_accuracy(normal)
+    assert undefined["val_pixel_ap"] == undefined["val_image_auroc"] == -1.0

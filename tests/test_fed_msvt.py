@@ -9,9 +9,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedad.config import ConfigError, ExperimentConfig
+from fedad.msvt.protocol import UNDEFINED
 from fedad.train.contrastive import alignment_loss, info_nce, normal_prototype
 from strategies import build_strategy
-from strategies.aca import AdaptiveClientAggregation, combine_weights
+from strategies.aca import QUALITY_METRICS, AdaptiveClientAggregation, combine_weights
 from strategies.cfa import ContrastiveAlignment
 from strategies.statistics import strategy_chain
 
@@ -54,7 +55,7 @@ QUALITY = {1: 0.9, 2: 0.8, 3: 0.6}
 def test_aca_weights_equal_eqs_3_to_5_by_hand():
     strategy = _strategy()
     glob = np.zeros(4)
-    replies = [_reply(n, glob + u, val_pixel_accuracy=QUALITY[n]) for n, u in UPDATES.items()]
+    replies = [_reply(n, glob + u, val_pixel_ap=QUALITY[n]) for n, u in UPDATES.items()]
     configured, arrays, _ = _train_round(strategy, 1, glob, replies)
     assert all(m.content["config"]["report-validation"] for m in configured)
     # Round 1: theta_i^{t-1} is the global model the site started from.
@@ -87,23 +88,52 @@ def test_aca_stability_uses_each_nodes_previous_reply():
 def test_a_nan_update_or_metric_gets_weight_zero_and_the_model_stays_finite():
     strategy = _strategy()
     glob = np.zeros(4)
-    replies = [_reply(1, glob + UPDATES[1], val_pixel_accuracy=0.9),
-               _reply(2, np.array([np.nan, 0, 0, 0]), val_pixel_accuracy=0.9),
-               _reply(3, glob + UPDATES[3], val_pixel_accuracy=float("inf")),
+    replies = [_reply(1, glob + UPDATES[1], val_pixel_ap=0.9),
+               _reply(2, np.array([np.nan, 0, 0, 0]), val_pixel_ap=0.9),
+               _reply(3, glob + UPDATES[3], val_pixel_ap=float("inf")),
                _reply(4, glob + UPDATES[2])]  # no q_i reported
     _, arrays, _ = _train_round(strategy, 1, glob, replies)
     assert np.isfinite(arrays["0"].numpy()).all()
     refused = {row["node"] for row in strategy.audit.rows if not row["accepted"]}
     assert refused == {2, 3}
     log = {row["node"]: row for row in _part(strategy, AdaptiveClientAggregation).weight_log}
-    assert log[4]["weight"] == 0 and "val_pixel_accuracy" in log[4]["reason"]
+    assert log[4]["weight"] == 0 and "val_pixel_ap" in log[4]["reason"]
     np.testing.assert_allclose(arrays["0"].numpy(), UPDATES[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["pixel-accuracy", "pixel-auroc", "image-auroc"])
+def test_aca_quality_metric_chooses_which_validation_metric_is_q(metric):
+    key = QUALITY_METRICS[metric]
+    strategy = _strategy(**{"aca-quality-metric": metric, "aca-stability": False})
+    decoy = {k: 0.5 for k in QUALITY_METRICS.values() if k != key}
+    replies = [_reply(n, UPDATES[n], **decoy, **{key: QUALITY[n]}) for n in UPDATES]
+    _train_round(strategy, 1, np.zeros(4), replies)
+    log = {row["node"]: row for row in _part(strategy, AdaptiveClientAggregation).weight_log}
+    total = sum(QUALITY.values())
+    for n in UPDATES:
+        assert log[n]["q"] == QUALITY[n]
+        assert log[n]["weight"] == pytest.approx(QUALITY[n] / total, rel=1e-6)
+
+
+def test_a_split_that_cannot_define_q_gets_the_others_mean():
+    strategy = _strategy(**{"aca-stability": False})
+    replies = [_reply(1, UPDATES[1], val_pixel_ap=0.8), _reply(2, UPDATES[2], val_pixel_ap=0.4),
+               _reply(3, UPDATES[3], val_pixel_ap=UNDEFINED)]
+    _train_round(strategy, 1, np.zeros(4), replies)
+    log = {row["node"]: row for row in _part(strategy, AdaptiveClientAggregation).weight_log}
+    assert log[3]["q"] == pytest.approx(0.6) and not log[3]["reason"]
+    assert log[3]["weight"] == pytest.approx(0.6 / 1.8)
+
+
+def test_an_unknown_quality_metric_is_refused_by_name():
+    with pytest.raises(ConfigError, match="aca-quality-metric='f1'"):
+        _strategy(**{"aca-quality-metric": "f1"})
 
 
 def test_no_positive_weight_keeps_the_global_model():
     strategy = _strategy()
     arrays, _ = _train_round(strategy, 1, np.zeros(4), [_reply(1, UPDATES[1],
-                                                                val_pixel_accuracy=0.0)])[1:]
+                                                                val_pixel_ap=0.0)])[1:]
     assert arrays is None
 
 
@@ -136,7 +166,7 @@ def test_aca_composes_with_flower_server_optimizers():
     glob = np.zeros(4)
 
     def run(**settings):
-        replies = [_reply(n, glob + u, val_pixel_accuracy=QUALITY[n]) for n, u in UPDATES.items()]
+        replies = [_reply(n, glob + u, val_pixel_ap=QUALITY[n]) for n, u in UPDATES.items()]
         return _train_round(_strategy(**settings), 1, glob, replies)[1]["0"].numpy()
 
     plain = run()
@@ -154,7 +184,7 @@ def test_aca_composes_with_flower_server_optimizers():
 def test_cfa_broadcasts_the_other_sites_prototypes_and_strips_them_before_fedavg():
     strategy = _strategy("fedmsvt")
     glob = np.zeros(4)
-    replies = [_reply(n, glob + u, val_pixel_accuracy=QUALITY[n], prototype=[float(n), 1.0])
+    replies = [_reply(n, glob + u, val_pixel_ap=QUALITY[n], prototype=[float(n), 1.0])
                for n, u in UPDATES.items()]
     first, _, metrics = _train_round(strategy, 1, glob, replies)
     assert "cfa-anchors" not in first[0].content["config"]

@@ -37,7 +37,7 @@ def _configured(name: str, arrays: list[np.ndarray]):
 def test_every_strategy_excludes_nonfinite_and_misshaped_updates(name):
     strategy = _configured(name, [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
     good = [_reply(n, [np.full((2, 3), v, np.float32), np.full(4, v, np.float32)],
-                   {"num-examples": 10, "train_loss": 0.5, "val_pixel_accuracy": 0.9,
+                   {"num-examples": 10, "train_loss": 0.5, "val_pixel_ap": 0.9,
                     "partition": n, "prototype": [1.0, 0.0]})
             for n, v in ((1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0))]
     nan = _reply(5, [np.full((2, 3), np.nan, np.float32), np.zeros(4, np.float32)],
