@@ -40,6 +40,7 @@ SECTIONS: tuple[str, ...] = (
     "fedad.privacy:DPSettings",
     "fedad.attacks:AttackSettings",
     "fedad.models.anomaly_map:MapSettings",
+    "fedad.thresholds:ThresholdSettings",
 )
 """Every settings section ("module:Class"), read by :meth:`ExperimentConfig.section`. Their keys
 are found by parsing the modules' source, so a run imports only the sections it uses."""

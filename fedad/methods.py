@@ -9,7 +9,8 @@ never imports another method's dependencies.
 - ``recipe``: for methods trained as one model by :func:`fedad.federation.run_federated`, the
   :class:`fedad.task.ModelRecipe` that builds, trains and runs the model.
 - ``actions``: the tuple of the method's custom site actions (``query.<action>`` messages,
-  from its protocol module), which the ClientApp routes besides ``train`` and ``evaluate``.
+  from its protocol module), which the ClientApp routes besides ``train`` and ``evaluate``
+  (and besides :data:`SHARED_ACTIONS`, which every method's sites answer).
 - ``rounds``: the method's own number of federated rounds, used when ``num-server-rounds`` is 0
   (its default).
 
@@ -34,6 +35,10 @@ class MethodEntry:
     actions: str = ""
     rounds: int = 4
 
+
+SHARED_ACTIONS = "fedad.thresholds:QUERY_ACTIONS"
+"""The site actions of every method: the decision thresholds' sketch (:mod:`fedad.thresholds`),
+answered by :class:`clients.base.SiteClient`."""
 
 _MODEL_SERVER = "fedad.federation:run_federated"
 _MODEL_CLIENT = "clients.model:ModelClient"
@@ -62,9 +67,11 @@ def resolve(reference: str) -> Any:
 
 
 def site_actions() -> tuple[str, ...]:
-    """Every method's custom site actions (what the ClientApp registers), sorted."""
-    return tuple(sorted({action for entry in METHODS.values() if entry.actions
-                         for action in resolve(entry.actions)}))
+    """Every method's custom site actions and the shared ones (what the ClientApp
+    registers), sorted."""
+    return tuple(sorted({action for reference in (SHARED_ACTIONS, *(
+        entry.actions for entry in METHODS.values() if entry.actions))
+                         for action in resolve(reference)}))
 
 
 def method_entry(name: str) -> MethodEntry:

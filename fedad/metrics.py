@@ -80,11 +80,15 @@ def _average_precision(sweep: _Sweep) -> float:
     return float(np.sum(recall_gain * precision))
 
 
+def _f1(sweep: _Sweep) -> np.ndarray:
+    """F1 [K+1] at each threshold of the sweep: 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P)."""
+    return 2 * sweep.tp / (sweep.tp + sweep.fp + sweep.positives)
+
+
 def _f1_max(sweep: _Sweep) -> float:
     if sweep.positives == 0:
         return float("nan")
-    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P)
-    return float(np.max(2 * sweep.tp / (sweep.tp + sweep.fp + sweep.positives)))
+    return float(np.max(_f1(sweep)))
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -102,6 +106,19 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     """Best F1 over all thresholds of the PR curve; labels [N] {0,1}, scores [N].
     NaN without positives."""
     return _f1_max(_sweep(labels, scores))
+
+
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold t, F1) of the best F1 of the decisions score >= t, t among the distinct
+    scores; labels [N] {0,1}, scores [N]. (NaN, NaN) without positives."""
+    sweep = _sweep(labels, scores)
+    if sweep.positives == 0:
+        return float("nan"), float("nan")
+    # the exact sweep's points: +inf, then each distinct score from the highest down
+    thresholds = np.r_[np.inf, np.unique(np.asarray(scores, dtype=np.float64))[::-1]]
+    f1 = _f1(sweep)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
 
 
 def _region_ids(masks: np.ndarray) -> tuple[np.ndarray, int]:

@@ -1,9 +1,10 @@
 """report.html: one self-contained page of a run's or a sweep's folder, readable offline (the
 plots embedded as base64 PNG, the style inline, no external link or script).
 
-A run's page: its summary, the rounds and per-defect-type tables, every plot of ``plots/``
-(metrics per round, ROC curve, anomaly-map grid, ...), the privacy settings and a summary of
-what crossed to the server (``payloads.jsonl``), and the config. A sweep's page: its table
+A run's page: its summary (with the decision thresholds of ``thresholds.json``), the rounds
+and per-defect-type tables, every plot of ``plots/`` (metrics per round, ROC curve,
+anomaly-map grid, ...), the privacy settings and a summary of what crossed to the server
+(``payloads.jsonl``), and the config. A sweep's page: its table
 (mean ± std over seeds, best federated mean in bold), its cells, its plots and what crossed
 in each cell. ``fedad report`` writes it after the tables and plots.
 """
@@ -29,6 +30,7 @@ from fedad.config import ExperimentConfig
 from fedad.metrics import METRIC_NAMES
 from fedad.payloads import AUDIT_FILE
 from fedad.privacy import DPSettings, privacy_epsilon
+from fedad.thresholds import SCALES, THRESHOLDS_FILE
 
 REPORT = "report.html"
 PLOT_ORDER = ("metrics_per_round", "roc", "anomaly_maps", "aggregation_weights")
@@ -154,6 +156,25 @@ def privacy_html(cfg: ExperimentConfig, rounds: int) -> str:
         + [{"setting": f"epsilon (delta={dp.dp_delta:g})", "value": epsilon}]))
 
 
+def thresholds_html(path: Path) -> str:
+    """The decision thresholds of a run's thresholds.json (:mod:`fedad.thresholds`) with their
+    error bounds, and the test split's F1-max image threshold next to them."""
+    saved = json.loads(path.read_text())
+    rows = [{"scale": name, "threshold": saved[name]["threshold"],
+             "error bound (bin width)": saved[name]["error_bound"],
+             "normal values": saved[name]["normal_values"],
+             "normal FPR": saved[name]["normal_fpr"]} for name in SCALES]
+    text = (f"<p>Decision thresholds ({THRESHOLDS_FILE}): at threshold-fpr="
+            f"{saved['threshold_fpr']:g} on {saved['normal_images']} held-out normal images of "
+            f"{len(saved['sites'])} sites:</p>" + table_html(pd.DataFrame(rows), 6))
+    test = saved.get("test_f1_max")
+    if test:
+        text += (f"<p>The test split's F1-max image threshold, reported, never used: "
+                 f"{test['image_threshold']:.6g} (F1 {test['image_f1']:.4f}; at the "
+                 f"federated threshold {test['image_f1_at_threshold']:.4f}).</p>")
+    return text
+
+
 def _run(root: Path) -> tuple[str, list[tuple[str, str]]]:
     """Title and sections of a run's page."""
     summary = json.loads((root / "summary.json").read_text()) \
@@ -170,6 +191,8 @@ def _run(root: Path) -> tuple[str, list[tuple[str, str]]]:
         final = {k: v for k, v in summary["final"].items() if k in METRIC_NAMES}
         overview += "<p>The last round's global model on the test split:</p>" + table_html(
             pd.DataFrame([final]))
+    if (root / THRESHOLDS_FILE).is_file():
+        overview += thresholds_html(root / THRESHOLDS_FILE)
     sections = [("Summary", overview if facts or summary else "<p>no summary.json (the run "
                  "has not finished)</p>")]
     for name, label in (("rounds.csv", "Rounds"), ("defect_types.csv", "Per defect type")):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from fedad.experiment import ExperimentData, prepare_data
 from fedad.payloads import AUDIT_FILE, AuditLog, audit_row
 from fedad.results import ResultsWriter, atomic_write
 from fedad.seeding import seed_everything
+from fedad.thresholds import SCALES, federated_thresholds
 from fedad.train.predictions import Predictions
 
 log = logging.getLogger(__name__)
@@ -112,12 +114,13 @@ class ServerRun:
         """The test split (never seen by any site)."""
         return self.data.samples(-1, "test")
 
-    def broadcast(self, message_type: str, content: RecordDict,
-                  group: int = 0) -> list[Message]:
-        """Send a copy of ``content`` to every node; the replies sorted by node id (errors
-        included: the caller audits them)."""
+    def broadcast(self, message_type: str, content: RecordDict, group: int = 0,
+                  nodes: Sequence[int] | None = None) -> list[Message]:
+        """Send a copy of ``content`` to every node (or to ``nodes``); the replies sorted by
+        node id (errors included: the caller audits them)."""
         messages = [self.grid.create_message(RecordDict(dict(content.items())), message_type,
-                                             node, str(group)) for node in self.nodes]
+                                             node, str(group))
+                    for node in (self.nodes if nodes is None else nodes)]
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
         return sorted(replies, key=lambda m: m.metadata.src_node_id)
 
@@ -174,9 +177,16 @@ class ServerRun:
 
     def finish(self, extra: dict[str, Any] | None = None,
                final: dict[str, float] | None = None) -> dict:
-        """Write summary.json once (``final`` adds to the last round's metrics) and return it."""
+        """Decide the decision thresholds on the last round's global model with the sites
+        (:func:`fedad.thresholds.federated_thresholds`: thresholds.json), then write
+        summary.json once (``final`` adds to the last round's metrics) and return it."""
+        thresholds = federated_thresholds(self)
+        decided = {} if thresholds is None else {"thresholds": {
+            "threshold_fpr": thresholds["threshold_fpr"],
+            **{scale: thresholds[scale]["threshold"] for scale in SCALES}}}
         summary = self.results.write_summary(
-            self.cfg, len(self.nodes), {"results_dir": str(self.root), **(extra or {})}, final)
+            self.cfg, len(self.nodes), {"results_dir": str(self.root), **decided,
+                                        **(extra or {})}, final)
         log.info("summary: %s", summary)
         return summary
 

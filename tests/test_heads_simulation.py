@@ -34,7 +34,8 @@ def test_memorybank_runs_through_flwr_run(tmp_path):
     assert summary["method"] == "memorybank" and summary["num_clients"] == 2
     rows = [json.loads(line) for line in (results / "payloads.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"feature-moments", "prototypes", "cluster-stats",
-                                         "normal-map", "score-moments"}
+                                         "normal-map", "score-moments", "score-range",
+                                         "score-histogram"}
     assert [r["round"] for r in rows if r["kind"] == "feature-moments"] == [0, 0]
     assert all(r["accepted"] for r in rows)
     assert (results / "plots" / "anomaly_maps.png").is_file()

@@ -4,6 +4,8 @@ thresholds and its test split."""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,11 @@ from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import Sample
 from fedad.experiment import resolve_root
 from fedad.predict.scorers import SCORERS, Scorer
+from fedad.thresholds import THRESHOLDS_FILE
 from partitions import partition_samples, read_manifest
 from partitions.manifest import TEST_PARTITION
+
+log = logging.getLogger(__name__)
 
 
 class RunError(ValueError):
@@ -94,9 +99,28 @@ def load_scorer(run: Run) -> Scorer:
 
 
 def run_thresholds(run: Run) -> Thresholds:
-    """The run's decision thresholds on the calibrated scores: 0.5, where every method's
-    calibration puts its threshold (:class:`~fedad.train.predictions.Predictions`)."""
-    return Thresholds()
+    """The run's decision thresholds on the calibrated scores: its thresholds.json (federated,
+    at ``threshold-fpr`` on the sites' held-out normal images: :mod:`fedad.thresholds`); 0.5,
+    where every method's calibration puts its threshold, for a run without one (an older run,
+    or no site held out normal images) or for another round than the file's, with a log line
+    saying so. RunError naming the file when it cannot be read."""
+    path = run.root / THRESHOLDS_FILE
+    if not path.is_file():
+        log.warning("%s: not found (a run before federated thresholds, or without held-out "
+                    "normal images): thresholds 0.5", path)
+        return Thresholds()
+    try:
+        saved = json.loads(path.read_text())
+        decided = Thresholds(float(saved["image"]["threshold"]),
+                             float(saved["pixel"]["threshold"]))
+        saved_round = int(saved["round"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunError(f"{path}: unreadable thresholds ({type(err).__name__}: {err})") from None
+    if saved_round != run.round:
+        log.warning("%s: thresholds of round %d, not of round %d: thresholds 0.5", path,
+                    saved_round, run.round)
+        return Thresholds()
+    return decided
 
 
 def test_split(run: Run) -> list[Sample]:

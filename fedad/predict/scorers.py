@@ -303,3 +303,16 @@ SCORERS: dict[str, Callable[[ExperimentConfig, Checkpoint], Scorer]] = {
     **dict.fromkeys(HEADS, head_scorer),
 }
 """The scorer builder of each method: (run config, round checkpoint) -> :class:`Scorer`."""
+
+SCORER_STRATEGY: dict[str, tuple[str, ...]] = dict.fromkeys(HEADS, ("scale", "kind", "count"))
+"""The entries of a checkpoint's workflow state (``strategy``) that a method's builder reads
+(none for the others: their strategies' state is per-site history, e.g. ACA's)."""
+
+
+def scorer_checkpoint(method: str, checkpoint: Checkpoint) -> Checkpoint:
+    """The part of a round checkpoint that ``method``'s builder reads: ``round``,
+    ``state_dict`` and the :data:`SCORER_STRATEGY` entries of ``strategy`` (what a site gets
+    to rebuild the scorer, :mod:`fedad.thresholds`)."""
+    strategy = checkpoint.get("strategy", {})
+    return {"round": checkpoint["round"], "state_dict": checkpoint["state_dict"],
+            "strategy": {key: strategy[key] for key in SCORER_STRATEGY.get(method, ())}}
