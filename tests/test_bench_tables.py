@@ -94,6 +94,19 @@ def test_excluded_combinations_are_left_out():
     assert combos == [("iid", 4), ("iid", 10), ("label-wise", 4)]
 
 
+def test_an_excluded_combination_has_no_centralized_reference_either():
+    spec = _spec(fixed={"local-epochs": 1},
+                 grid={"method": ["msvt", "memorybank"], "image-size": [128, 224],
+                       "strategy": ["fedavg"], "num-clients": [3]},
+                 exclude=[{"method": "msvt", "image-size": 224},
+                          {"method": "memorybank", "image-size": 128},
+                          {"strategy": "fedavg", "method": "msvt", "image-size": 64}])
+    for kind in ("centralized", "federated"):
+        combos = [(c.run_config["method"], c.run_config["image-size"]) for c in spec.cells()
+                  if c.kind == kind]
+        assert combos == [("msvt", 128), ("memorybank", 224)], kind
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"fixed": {"no-such-key": 1}}, "fixed.no-such-key: not a run-config key"),
     ({"fixed": {"results-dir": "/tmp/x"}}, "fixed.results-dir: set by the sweep"),
@@ -265,6 +278,8 @@ def test_the_runner_key_picks_how_cells_run():
     ("fed_msvt", "in-process", 48, 3),        # (5 strategies x 3 partitioners + 1) x 3 seeds
     ("mae", "in-process", 18, 12),            # 6 categories x (DyT, LayerNorm central + DyT fed)
     ("msvt_categories", "flwr", 6, 0),
+    ("detectors_real", "in-process", 12, 6),  # 2 sets x 3 methods, federated + centralized
+    ("aca_quality", "in-process", 9, 0),      # (FedAvg + ACA+CFA x 2 q_i) x 3 seeds
     ("dadda_table2", "in-process", 16, 0),    # 4 categories x 2 syntheses x 2 seeds
 ])
 def test_the_sweep_files_of_the_former_bench_scripts_expand_to_valid_cells(

@@ -9,12 +9,16 @@ A sweep file (YAML, kebab-case run-config keys)::
       partitioner: [iid, label-wise]
       num-clients: [4]                                  # simulated SuperNodes
       seed: [0, 1]
-    exclude: [{partitioner: label-wise, num-clients: 10}]   # combinations left out
+    exclude: [{partitioner: label-wise, num-clients: 10}]   # combinations left out (*)
     centralized: true           # or a mapping of values the reference cells use instead
     table: {rows: [strategy, partitioner], metrics: [image_auroc, aupro]}
     cell-timeout: 1800          # seconds per cell
     runner: flwr                # or in-process
     peers: [patchcore, padim]   # anomalib models on the same images (docs/peers.md)
+
+(*) A rule that names only keys of the centralized reference's own (not federation keys) also
+removes the reference of those combinations; name a federation key (e.g. ``num-clients``) to
+leave out federated cells only.
 
 Each combination is a federated cell. The centralized reference is one client holding all the
 data (1 SuperNode, ``min-train-nodes=1``, FedAvg over a single IID partition) with the same
@@ -220,6 +224,9 @@ class SweepSpec:
         cells = []
         for combo in itertools.product(*(self.grid[k] for k in kept)):
             chosen = dict(zip(kept, combo, strict=True))
+            if any(rule.keys() <= chosen.keys() and all(chosen[k] == v for k, v in rule.items())
+                   for rule in self.exclude):
+                continue  # an excluded combination of the reference's own keys
             values = {k: v for k, v in self.fixed.items() if not is_federation_key(k)}
             values.update({**chosen, **self.centralized})
             run_config = {**values, "strategy": "fedavg", "partitioner": "iid",
