@@ -20,3 +20,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs_once(tmp_path_factory):
+    """``runs_once(config_for)`` -> ``results(method)``: the results folder of a finished
+    two-site in-process run of ``config_for(method, folder)``, run once per method and module."""
+    from fedad.inprocess import run_in_process
+
+    def runner(config_for):
+        folders = {}
+
+        def results(method: str):
+            if method not in folders:
+                folders[method] = tmp_path_factory.mktemp(method)
+                run_in_process(config_for(method, folders[method]), 2)
+            return folders[method]
+
+        return results
+
+    return runner

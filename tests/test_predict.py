@@ -16,7 +16,6 @@ from fedad.config import ExperimentConfig
 from fedad.dadda.detector import defect_types_of
 from fedad.data import generate_dataset
 from fedad.heads.scoring import ScoreScale
-from fedad.inprocess import run_in_process
 from fedad.models.anomaly_map import smooth_maps
 from fedad.predict import (
     SCORERS,
@@ -59,20 +58,11 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(dataset, tmp_path_factory):
+def finished(dataset, runs_once):
     """method -> the results folder of a finished one-round run of it (run once)."""
-    folders = {}
-
-    def results(method: str):
-        if method not in folders:
-            folders[method] = tmp_path_factory.mktemp(method)
-            run_in_process(ExperimentConfig.from_run_config({
-                **TINY, **METHODS[method], "data-path": str(dataset), "category": "washer",
-                "results-dir": str(folders[method]),
-                "dadda-cache-dir": str(folders[method] / "cache")}), 2)
-        return folders[method]
-
-    return results
+    return runs_once(lambda method, folder: ExperimentConfig.from_run_config({
+        **TINY, **METHODS[method], "data-path": str(dataset), "category": "washer",
+        "results-dir": str(folder), "dadda-cache-dir": str(folder / "cache")}))
 
 
 @pytest.mark.parametrize("method", list(METHODS))

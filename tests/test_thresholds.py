@@ -191,17 +191,9 @@ def _cfg(dataset, results, method="memorybank", **changes) -> ExperimentConfig:
 
 
 @pytest.fixture(scope="module")
-def finished(dataset, tmp_path_factory):
+def finished(dataset, runs_once):
     """method -> the results folder of a finished one-round run of it (run once)."""
-    folders = {}
-
-    def results(method: str):
-        if method not in folders:
-            folders[method] = tmp_path_factory.mktemp(method)
-            run_in_process(_cfg(dataset, folders[method], method), 2)
-        return folders[method]
-
-    return results
+    return runs_once(lambda method, folder: _cfg(dataset, folder, method))
 
 
 def _audit(results) -> pd.DataFrame:
