@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 from clients import create_client
 from fedad.config import ExperimentConfig
 from fedad.deploy import local_site_data
+from fedad.device import configure_threads
 from fedad.methods import method_entry, resolve, site_actions
 from fedad.privacy import CLIENT_MODS
 
@@ -19,7 +20,10 @@ def _reply(msg: Message, context: Context) -> Message:
     """Build this site's client from run-config + node-config and answer ``msg``.
 
     With a node-config ``data-path`` (a deployed site) the site's whole folder is its data;
-    otherwise (a simulation) it holds partition ``partition-id`` of ``num-partitions``.
+    otherwise (a simulation) it holds partition ``partition-id`` of ``num-partitions``. torch's
+    CPU threads are set first (``num-threads``; by default the ``OMP_NUM_THREADS`` that
+    Flower's Ray simulation sets to the federation's ``client-resources-num-cpus``), so that
+    simulated sites sharing a machine do not oversubscribe its cores.
     """
     node = context.node_config
     partition_id = int(node["partition-id"])
@@ -31,6 +35,7 @@ def _reply(msg: Message, context: Context) -> Message:
     else:
         cfg = ExperimentConfig.from_run_config(context.run_config)
         client = create_client(cfg, partition_id, int(node["num-partitions"]))
+    configure_threads(cfg.num_threads)
     return Message(client.handle(msg.metadata.message_type, msg.content), reply_to=msg)
 
 

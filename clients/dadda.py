@@ -35,6 +35,7 @@ from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs, dam_pairs, diffusion_pairs, finetune_image_model
 from fedad.dam import DAMSettings, category_kind
 from fedad.data import Sample, load_image, load_mask
+from fedad.device import device_of
 from fedad.models.diffusion_unet import DiffusionUNet
 from fedad.seeding import seed_everything
 
@@ -146,17 +147,19 @@ class DADDASite(ModelClient):
         if not len(local):
             return local
         start = time.perf_counter()
+        device, precision = device_of(self.cfg), self.cfg.precision
         image_state, mask_state = unpack_generators(content[GENERATORS])
-        image_model = finetune_image_model(image_state, local, settings=settings, seed=seed + 1)
+        image_model = finetune_image_model(image_state, local, settings=settings, seed=seed + 1,
+                                           device=device, precision=precision)
         timings["finetune_seconds"] = time.perf_counter() - start
         num_types = len(defect_types_of(self.cfg))
         mask_model = DiffusionUNet(**settings.unet_kwargs(1, num_classes=num_types))
         mask_model.load_state_dict(mask_state)
         start = time.perf_counter()
         with torch.no_grad():
-            pairs = diffusion_pairs(image_model, mask_model.eval(),
+            pairs = diffusion_pairs(image_model, mask_model.to(device).eval(),
                                     sorted(int(c) for c in np.unique(local.classes)),
                                     settings.dadda_synth_per_class, settings=settings,
-                                    seed=seed + 2)
+                                    seed=seed + 2, precision=precision)
         timings["sample_seconds"] = time.perf_counter() - start
         return pairs

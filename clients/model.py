@@ -17,7 +17,7 @@ from fedad.attacks import AttackSettings, apply_attack
 from fedad.metrics import auroc, average_precision
 from fedad.msvt import protocol
 from fedad.seeding import seed_everything
-from fedad.task import ExtraLoss, arrays_to_model, model_recipe, model_to_arrays
+from fedad.task import ExtraLoss, arrays_to_model, build_model, model_recipe, model_to_arrays
 from fedad.train.contrastive import alignment_loss, embed, normal_prototype
 from fedad.train.predictions import Predictions
 
@@ -34,7 +34,7 @@ class ModelClient(SiteClient):
         seed = self.cfg.seed + 1000 * self.partition_id + server_round
         seed_everything(seed)
         recipe = model_recipe(self.cfg)
-        model = arrays_to_model(recipe.build(self.cfg), content["arrays"])
+        model = arrays_to_model(build_model(self.cfg), content["arrays"])
         samples = self.data.samples(self.partition_id, "train")
         metrics = recipe.fit(model, samples, self.cfg, seed=seed, server_round=server_round,
                              extra_loss=self._extra_loss(model, config))
@@ -101,9 +101,8 @@ class ModelClient(SiteClient):
                 f"partition {self.partition_id}: no local validation samples "
                 f"(val-fraction={self.cfg.val_fraction}; sites with < 5 samples keep none)"
             )
-        recipe = model_recipe(self.cfg)
-        model = arrays_to_model(recipe.build(self.cfg), content["arrays"])
-        predictions = recipe.predict(model, samples, self.cfg, None)
+        model = arrays_to_model(build_model(self.cfg), content["arrays"])
+        predictions = model_recipe(self.cfg).predict(model, samples, self.cfg, None)
         return RecordDict({"metrics": MetricRecord(
             {**validation_accuracy(predictions), "num-examples": len(samples)}
         )})

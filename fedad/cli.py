@@ -133,8 +133,8 @@ def _predict(args: argparse.Namespace) -> int:
         thresholds = run_thresholds(run)
         thresholds = replace(thresholds, **{k: v for k, v in (
             ("image", args.threshold), ("pixel", args.pixel_threshold)) if v is not None})
-        result = predict_images(load_scorer(run), collect_inputs(args.inputs), args.out,
-                                thresholds, batch_size=args.batch_size)
+        result = predict_images(load_scorer(run, args.device), collect_inputs(args.inputs),
+                                args.out, thresholds, batch_size=args.batch_size)
     except (RunError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=4,
                          help="images per forward pass (a feature head's enlarged views take "
                               "tens of MB each)")
+    predict.add_argument("--device", default="auto",
+                         help="where to score: auto (CUDA if present, else CPU), cpu, cuda:N, "
+                              "mps (the machine on the line, not the one the run trained on)")
     predict.set_defaults(func=_predict)
 
     export = sub.add_parser("export", help="a run's global model as ONNX, TorchScript or "

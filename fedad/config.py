@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fedad.device import check_device_setting, check_precision_setting
 from fedad.methods import method_entry, method_names
 from partitions import PARTITIONERS
 
@@ -114,6 +115,12 @@ class ExperimentConfig:
     """Malicious sites Krum tolerates."""
     plot_every_round: bool = True
     """Write plots after every round (false: after the last one only)."""
+    device: str = "auto"
+    """Where models compute, on each machine: auto (CUDA if present, else CPU), cpu, cuda:N, mps."""
+    precision: str = "32"
+    """Autocast in training and inference: 32 (none), bf16-mixed, or 16-mixed (CUDA only)."""
+    num_threads: int = 0
+    """torch CPU threads of each site and the server; 0: OMP_NUM_THREADS if set, else all cores."""
     extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +159,10 @@ class ExperimentConfig:
             raise ConfigError(f"backbone-checkpoint={self.backbone_checkpoint!r}: no such file")
         if self.data_path and not Path(self.data_path).expanduser().is_dir():
             raise ConfigError(f"data-path={self.data_path!r}: no such directory")
+        check_device_setting(self.device)
+        check_precision_setting(self.precision)
+        if self.num_threads < 0:
+            raise ConfigError(f"num-threads={self.num_threads}: must be >= 0 (0: automatic)")
         unknown = sorted({_kebab(key) for key in self.extra} - section_keys())
         if unknown:
             raise ConfigError(unknown_keys_message(unknown))

@@ -183,8 +183,9 @@ def export_and_check(run: Run, fmt: str, out: str | Path, batch_size: int = 1,
                      limit: int | None = None) -> tuple[Path, float, int]:
     """Export ``run``'s scorer (:func:`export_scorer`), then :func:`check_export` it on the
     first ``limit`` (all when None) of the run's test images; (file, largest difference,
-    images checked)."""
-    scorer = load_scorer(run)
+    images checked). The scorer is built on the CPU: the exported graph runs on the line's
+    CPU runtimes, whatever device the run trained on."""
+    scorer = load_scorer(run, device="cpu")
     path = export_scorer(scorer, fmt, out, metadata(run, scorer, batch_size), batch_size)
     samples = test_split(run)[:limit]
     return path, check_export(path, fmt, scorer, samples, batch_size), len(samples)

@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients import create_client
 from fedad.config import ExperimentConfig
+from fedad.device import device_of
 from fedad.methods import method_entry, resolve
 from fedad.privacy import CLIENT_MODS
 
@@ -97,5 +98,8 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(cfg: ExperimentConfig, num_sites: int) -> dict:
-    """Run ``cfg.method``'s server workflow with ``num_sites`` in-process sites; its summary."""
+    """Run ``cfg.method``'s server workflow with ``num_sites`` in-process sites; its summary.
+    The run's device is checked first (ConfigError in one line when this machine lacks it);
+    the process's torch threads are left as they are (the sites share them)."""
+    device_of(cfg)
     return resolve(method_entry(cfg.method).server)(InProcessGrid(cfg, num_sites), cfg)

@@ -53,12 +53,13 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int
 
 def check_resume_config(cfg: ExperimentConfig, saved_path: Path) -> None:
     """A resumed run must use the interrupted run's config (the sites build their models and
-    partitions from the run-config they receive); ConfigError naming every differing key."""
+    partitions from the run-config they receive); ConfigError naming every differing key.
+    Where and how fast it computes (``device``, ``precision``, ``num-threads``) may change."""
     if not saved_path.is_file():
         raise ConfigError(f"resume-from={cfg.resume_from!r}: {saved_path} not found")
     saved = ExperimentConfig.from_yaml(saved_path).to_dict()
     current = cfg.to_dict()
-    ignored = {"resume-from", "results-dir"}
+    ignored = {"resume-from", "results-dir", "device", "precision", "num-threads"}
     differ = sorted(k for k in set(saved) | set(current) - ignored
                     if k not in ignored and saved.get(k) != current.get(k))
     if differ:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
+from fedad.device import device_of
 from fedad.methods import method_entry, resolve
 from fedad.metrics import anomaly_metrics
 from fedad.models import load_trainable_state_dict, trainable_state_dict
@@ -32,9 +33,10 @@ class ModelRecipe:
     Attributes:
         build: ``(cfg) -> nn.Module``, with pretrained weights where the method uses them.
         fit: ``(model, samples, cfg, *, seed, server_round, extra_loss) -> metrics`` trains in
-            place on a site's samples; metrics include ``num-examples``.
-        predict: ``(model, samples, cfg, defect_types) -> Predictions``; ``maps`` and
-            ``image_scores`` lie in [0, 1] and 0.5 is the method's decision threshold.
+            place on a site's samples, on the model's device; metrics include ``num-examples``.
+        predict: ``(model, samples, cfg, defect_types) -> Predictions`` (numpy, whatever the
+            model's device); ``maps`` and ``image_scores`` lie in [0, 1] and 0.5 is the
+            method's decision threshold.
     """
 
     build: Callable[[ExperimentConfig], nn.Module]
@@ -51,8 +53,10 @@ def model_recipe(cfg: ExperimentConfig) -> ModelRecipe:
 
 
 def build_model(cfg: ExperimentConfig) -> nn.Module:
-    """The configured method's model, with pretrained weights where the backbone has them."""
-    return model_recipe(cfg).build(cfg)
+    """The configured method's model, with pretrained weights where the backbone has them, on
+    the run's device (:func:`fedad.device.device_of`); its recipe's ``fit`` and ``predict``
+    compute where the model is."""
+    return model_recipe(cfg).build(cfg).to(device_of(cfg))
 
 
 def evaluate_model(

@@ -53,6 +53,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
+from fedad.device import cpu_numpy
 from fedad.heads.payload import Payload, PayloadError, payload_from_record
 from fedad.metrics import f1_max_threshold
 from fedad.payloads import Query, audit_row
@@ -193,20 +194,20 @@ def _normal_values(cfg: ExperimentConfig, samples: Sequence[Sample],
     """The calibrated image scores [N] and maps [N, S, S] of ``samples`` under the scorer
     rebuilt from ``content`` (:func:`scorer_content`), and N."""
     from fedad.predict.inputs import read_batches
-    from fedad.predict.scorers import SCORERS
+    from fedad.predict.scorers import build_scorer
 
     meta = content.config_records[SCORER_META]
-    scorer = SCORERS[cfg.method](cfg, {
+    scorer = build_scorer(cfg, {
         "round": int(meta["round"]), "strategy": json.loads(str(meta["strategy"])),
-        "state_dict": content.array_records[SCORER_RECORD].to_torch_state_dict()}).eval()
+        "state_dict": content.array_records[SCORER_RECORD].to_torch_state_dict()})
     skipped: list[str] = []
     scores, maps = [], []
     with torch.no_grad():
         for batch in read_batches([s.image_path for s in samples], scorer.image_size,
                                   cfg.batch_size, skipped):
-            batch_scores, batch_maps = scorer(batch.images)
-            scores.append(batch_scores.float().numpy())
-            maps.append(batch_maps.float().numpy())
+            batch_scores, batch_maps = scorer(batch.images.to(scorer.device))
+            scores.append(cpu_numpy(batch_scores.float()))
+            maps.append(cpu_numpy(batch_maps.float()))
     for line in skipped:
         log.warning("thresholds: left out %s", line)
     if not scores:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -34,6 +35,7 @@ from fedad.dadda.generators import pack_generators, train_generators
 from fedad.dadda.payload import inspect_upload, record_to_upload, upload_details
 from fedad.dadda.protocol import SEND_UPLOAD, UPLOAD
 from fedad.dadda.settings import DADDASettings
+from fedad.device import CPU
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,17 @@ class DADDAUploadStrategy(Strategy):
         num_types: number of defect types (G^M's classes, "good" excluded).
         upload_classes: number of mask classes an upload may carry ("good" included, as 0).
         seed: seed of the generators' training.
+        device, precision: where and at which autocast precision the generators train.
     """
 
     def __init__(self, settings: DADDASettings, num_types: int, upload_classes: int,
-                 seed: int) -> None:
+                 seed: int, device: torch.device = CPU,
+                 precision: str = "32") -> None:
         self.settings = settings
         self.num_types = num_types
         self.upload_classes = upload_classes
         self.seed = seed
+        self.device, self.precision = device, precision
         self.accepted = 0
         self.generator_stats: dict[str, float] = {}
 
@@ -86,7 +91,7 @@ class DADDAUploadStrategy(Strategy):
         if not uploads:
             return None, None
         image_model, mask_model, self.generator_stats = train_generators(
-            uploads, self.settings, self.num_types, self.seed)
+            uploads, self.settings, self.num_types, self.seed, self.device, self.precision)
         return (pack_generators(image_model, mask_model),
                 MetricRecord({"uploads_accepted": self.accepted, **self.generator_stats}))
 

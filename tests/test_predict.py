@@ -179,3 +179,17 @@ def test_a_folder_without_a_checkpoint_or_of_an_unknown_method_fails_with_one_li
         open_run(results)
     assert main(["predict", str(tmp_path / "nothing"), image, "--out", "o"]) == 1
     assert "nothing/config.yaml: not found" in _one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_refused_in_one_line_and_cpu_scores_as_auto(finished):
+    run = open_run(finished("memorybank"))
+    with pytest.raises(RunError) as err:
+        load_scorer(run, "cuda")
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("device='cuda': no such device on this machine")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    on_cpu, on_auto = load_scorer(run, "cpu"), load_scorer(run, "auto")
+    assert on_cpu.device == torch.device("cpu")
+    for a, b in zip(on_cpu(images), on_auto(images), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -36,6 +36,7 @@ from fedad.config import ExperimentConfig
 from fedad.dadda.settings import DADDASettings
 from fedad.dadda.synthesis import DefectPairs
 from fedad.data import AnomalyDataset, Sample, list_categories, scan_category
+from fedad.device import autocast, cpu_numpy, model_device, to_device
 from fedad.experiment import resolve_categories, resolve_root
 from fedad.models.anomaly_map import MapSettings, smooth_maps
 from fedad.models.backbones import create_classifier
@@ -101,7 +102,7 @@ def windows_at(images: torch.Tensor, centres: torch.Tensor, fraction: float,
     top = (centres[:, 0] - (size - 1) / 2).round().clamp(0, height - size)
     left = (centres[:, 1] - (size - 1) / 2).round().clamp(0, width - size)
     boxes = torch.stack([torch.arange(len(images)).to(top), left, top, left + size, top + size],
-                        dim=1).to(images.dtype)
+                        dim=1).to(images)
     return roi_align(images, boxes, output_size=side, aligned=True)
 
 
@@ -145,11 +146,13 @@ class DADDADetector(nn.Module):
         classifier call)."""
         if self.window_fraction is None:
             return self.classifier(images)
-        grid = window_grid(*images.shape[-2:], self.window_fraction, self.window_stride)
-        index = torch.arange(len(images)).repeat_interleave(len(grid))
+        grid = window_grid(*images.shape[-2:], self.window_fraction, self.window_stride
+                           ).to(images.device)
+        index = torch.arange(len(images), device=images.device).repeat_interleave(len(grid))
         centres = grid.repeat(len(images), 1)
         logits = torch.cat([self.window_logits(images[index[part]], centres[part])
-                            for part in torch.arange(len(index)).split(chunk)])
+                            for part in torch.arange(len(index), device=images.device
+                                                     ).split(chunk)])
         probabilities = logits.softmax(dim=1).view(len(images), len(grid), -1)
         return probabilities[..., :-1].amax(dim=1).clamp_min(1e-12).log()
 
@@ -257,10 +260,12 @@ def _training_output(model: DADDADetector, images: torch.Tensor, masks: torch.Te
                      ) -> tuple[DetectorOutput, torch.Tensor]:
     """The detector's output on a training batch and the class targets [B]: a whole-image
     classifier's, or a windows classifier's on one window per image (at a defect pixel, or
-    anywhere in a normal image, whose target becomes the no-defect class K)."""
+    anywhere in a normal image, whose target becomes the no-defect class K). The window
+    centres are drawn on the CPU with ``generator`` (the same draws on every device)."""
     if model.window_fraction is None:
         return model(images), classes
-    logits = model.window_logits(images, mask_centres(masks, generator))
+    centres = mask_centres(masks.cpu(), generator).to(images.device)
+    logits = model.window_logits(images, centres)
     targets = torch.where(classes == IGNORE, model.num_defect_types, classes)
     return DetectorOutput(logits, model.localizer(images)), targets
 
@@ -272,6 +277,8 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
     ``batch-size``, AdamW at ``lr`` (localizer) and ``dadda-classifier-lr`` (classifier);
     ``max-train-batches`` caps each epoch. A windows classifier sees the window at a random
     pixel of each defect's mask, and at a random pixel of each normal image ("no defect").
+
+    The tensors stay on the CPU; each batch moves to the model's device.
 
     Returns mean losses of the last epoch, ``num-examples``, ``num-synthetic``, ``train_seconds``.
     """
@@ -287,6 +294,7 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
          {"params": model.classifier.parameters(),
           "lr": cfg.section(DADDASettings).dadda_classifier_lr}],
         lr=cfg.lr, weight_decay=1e-4)
+    device = model_device(model)
     model.train()
 
     def batches() -> Iterator[torch.Tensor]:
@@ -296,24 +304,31 @@ def fit_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Experimen
                 yield batch
 
     def step(batch: torch.Tensor):
-        output, targets = _training_output(model, images[batch], masks[batch], classes[batch],
-                                           generator)
-        return output, labels[batch], detector_loss(output, masks[batch], targets)
+        part = to_device((images[batch], masks[batch], labels[batch], classes[batch]), device)
+        output, targets = _training_output(model, part[0], part[1], part[3], generator)
+        return output, part[2], detector_loss(output, part[1], targets)
 
     result = train_loop(step, (batches() for _ in range(cfg.local_epochs)), optimizer,
                         list(model.parameters()), max_batches=cfg.max_train_batches,
-                        extra_loss=extra_loss, name=f"fit_detector (round {server_round})")
+                        extra_loss=extra_loss, precision=cfg.precision,
+                        name=f"fit_detector (round {server_round})")
     result.update({"num-examples": len(images), "num-synthetic": len(synthetic),
                    "train_seconds": time.perf_counter() - start})
     return result
 
 
 @torch.no_grad()
-def _batched(function, *tensors: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """``function`` of ``tensors`` (rows aligned) without gradients, ``batch_size`` rows at a
-    time, concatenated."""
-    return np.concatenate([function(*(t[part] for t in tensors)).numpy()
-                           for part in torch.arange(len(tensors[0])).split(batch_size)])
+def _batched(model: nn.Module, function, *tensors: torch.Tensor, precision: str = "32",
+             batch_size: int = 32) -> np.ndarray:
+    """``function`` of ``tensors`` (CPU, rows aligned) without gradients, ``batch_size`` rows
+    at a time moved to ``model``'s device under ``precision``'s autocast, concatenated as
+    numpy."""
+    device = model_device(model)
+    outputs = []
+    for part in torch.arange(len(tensors[0])).split(batch_size):
+        with autocast(device, precision):
+            outputs.append(cpu_numpy(function(*to_device([t[part] for t in tensors], device))))
+    return np.concatenate(outputs)
 
 
 def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: ExperimentConfig,
@@ -324,7 +339,8 @@ def predict_detector(model: DADDADetector, samples: Sequence[Sample], cfg: Exper
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items])
     model.eval()
-    maps = _batched(lambda x: torch.sigmoid(model.localizer(x))[:, 0], images)
+    maps = _batched(model, lambda x: torch.sigmoid(model.localizer(x).float())[:, 0], images,
+                    precision=cfg.precision)
     sigma = cfg.section(MapSettings).sigma("dadda", cfg.image_size)
     maps = smooth_maps(maps, sigma).astype(np.float32)
     return Predictions(
@@ -365,10 +381,11 @@ def classify(model: DADDADetector, defects: Defects, at_true_defect: bool = Fals
     model.eval()
     if at_true_defect:
         centres = mask_centres(defects.masks, torch.Generator().manual_seed(0))
-        logits = _batched(lambda x, c: model.window_logits(x, c)[:, :model.num_defect_types],
+        logits = _batched(model,
+                          lambda x, c: model.window_logits(x, c)[:, :model.num_defect_types],
                           defects.images, centres)
     else:
-        logits = _batched(model.class_logits, defects.images)
+        logits = _batched(model, model.class_logits, defects.images)
     return defects.classes.numpy(), logits.argmax(axis=1)
 
 

@@ -1,7 +1,10 @@
 """Training and sampling of D-ADDA's diffusion models (DDPM training; DDIM or ancestral DDPM
 sampling) with diffusers' noise schedulers, EMA weights and a linear learning-rate warm-up.
 
-Tensors here are in the models' range [-1, 1]: images [N, 3, S, S], masks [N, 1, S, S].
+Tensors here are in the models' range [-1, 1]: images [N, 3, S, S], masks [N, 1, S, S]. They
+are given and returned on the CPU; the models compute on their own device, and every random
+draw (batches, noise, timesteps, class dropout) comes from a seeded CPU generator, so a run
+draws the same numbers on every device.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from fedad.dadda.settings import DADDASettings
+from fedad.device import autocast, model_device, to_device
 from fedad.models.diffusion_unet import DiffusionUNet
 from fedad.train.loop import train_loop
 
@@ -70,6 +74,7 @@ def train_diffusion(
     classes: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     name: str = "diffusion",
+    precision: str = "32",
 ) -> tuple[DiffusionUNet, dict[str, float]]:
     """Train ``model`` to predict the noise of ``data`` (DDPM, eq. of Ho et al.) and return its
     EMA copy (decay ``dadda-ema``, with warm-up, see :func:`ema_update`) and statistics.
@@ -80,8 +85,10 @@ def train_diffusion(
         classes: [N] int64 in [0, K) for a class-conditioned model; dropped to the null class K
             with probability ``dadda-class-dropout`` (classifier-free guidance).
         masks: [N, 1, S, S] {0,1} conditioning masks for a mask-conditioned model.
+        precision: autocast of the training steps (:func:`fedad.device.autocast`).
     Returns:
-        (EMA model in eval mode, {"loss": mean loss of the last 10 % iterations, "seconds"}).
+        (EMA model in eval mode, on the model's device; {"loss": mean loss of the last 10 %
+        iterations, "seconds"}).
     """
     _check_range(f"{name} data", data)
     if data.ndim != 4 or data.shape[1] != model.in_channels or len(data) == 0:
@@ -96,6 +103,7 @@ def train_diffusion(
     warmup = max(settings.dadda_warmup, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     ema = AveragedModel(model, avg_fn=ema_update(settings.dadda_ema), use_buffers=True)
+    device = model_device(model)
     model.train()
     losses: list[float] = []
 
@@ -110,7 +118,8 @@ def train_diffusion(
             kwargs["classes"] = torch.where(drop, model.num_classes, classes[index])
         if masks is not None:
             kwargs["mask"] = masks[index]
-        return None, None, {"loss": F.mse_loss(model(noisy, t, **kwargs), noise)}
+        noisy, t, noise, kwargs = to_device((noisy, t, noise, kwargs), device)
+        return None, None, {"loss": F.mse_loss(model(noisy, t, **kwargs).float(), noise)}
 
     def after_step(done: int, step_losses: dict[str, torch.Tensor]) -> None:
         ema.update_parameters(model)
@@ -121,7 +130,7 @@ def train_diffusion(
     draws = (torch.randint(len(data), (settings.dadda_diffusion_batch,), generator=generator)
              for _ in range(iterations))  # drawn lazily, before each step's noise
     train_loop(step, [draws], optimizer, list(model.parameters()), lr_schedule=schedule,
-               after_step=after_step, name=name)
+               after_step=after_step, precision=precision, name=name)
     tail = losses[-max(len(losses) // 10, 1):] if losses else [float("nan")]
     averaged = copy.deepcopy(ema.module).eval()
     return averaged, {"loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
@@ -137,36 +146,44 @@ def sample(
     classes: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     batch_size: int = 32,
+    precision: str = "32",
 ) -> torch.Tensor:
-    """Draw ``count`` samples [count, C, S, S] in [-1, 1] with the ``dadda-sampler``.
+    """Draw ``count`` samples [count, C, S, S] in [-1, 1] with the ``dadda-sampler``, on the
+    model's device (the initial noise drawn on the CPU), returned on the CPU.
 
     Args:
         classes: [count] int64 in [0, K) for a class-conditioned model; sampled with
             classifier-free guidance eps = eps_null + w (eps_class - eps_null), w =
             ``dadda-guidance``.
         masks: [count, 1, S, S] {0,1} for a mask-conditioned model.
+        precision: autocast of the model's calls (the sampler's update stays float32).
     """
     model.eval()
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     out = []
     for first in range(0, count, batch_size):
         part = slice(first, min(first + batch_size, count))
         n = part.stop - part.start
         scheduler = noise_scheduler(settings, settings.dadda_sampler)
-        x = torch.randn((n, model.in_channels, model.image_size, model.image_size),
-                        generator=generator)
+        x = to_device(torch.randn((n, model.in_channels, model.image_size, model.image_size),
+                                  generator=generator), device)
+        condition = to_device(None if masks is None else masks[part], device)
+        if classes is not None:
+            null = torch.full((n,), model.num_classes, dtype=torch.long)
+            both_classes = to_device(torch.cat([classes[part], null]), device)
         for t in scheduler.timesteps:
-            steps = t.expand(n)
-            if classes is not None:
-                null = torch.full((n,), model.num_classes, dtype=torch.long)
-                both = model(torch.cat([x, x]), torch.cat([steps, steps]),
-                             classes=torch.cat([classes[part], null]))
-                eps_class, eps_null = both.chunk(2)
-                eps = eps_null + settings.dadda_guidance * (eps_class - eps_null)
-            else:
-                eps = model(x, steps, mask=None if masks is None else masks[part])
+            steps = to_device(t.expand(n), device)
+            with autocast(device, precision):
+                if classes is not None:
+                    both = model(torch.cat([x, x]), torch.cat([steps, steps]),
+                                 classes=both_classes)
+                    eps_class, eps_null = both.float().chunk(2)
+                    eps = eps_null + settings.dadda_guidance * (eps_class - eps_null)
+                else:
+                    eps = model(x, steps, mask=condition).float()
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        out.append(x.clamp(-1.0, 1.0))
+        out.append(x.clamp(-1.0, 1.0).cpu())
     result = torch.cat(out) if out else torch.empty(0, model.in_channels, model.image_size,
                                                     model.image_size)
     if not torch.isfinite(result).all():

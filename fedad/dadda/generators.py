@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 from fedad.dadda.diffusion import train_diffusion
 from fedad.dadda.payload import ServerUpload
 from fedad.dadda.settings import DADDASettings
+from fedad.device import CPU
 from fedad.models.diffusion_unet import DiffusionUNet
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,12 @@ IMAGE_MODEL, MASK_MODEL = "image-model", "mask-model"
 
 
 def train_generators(uploads: Sequence[ServerUpload], settings: DADDASettings, num_types: int,
-                     seed: int) -> tuple[DiffusionUNet, DiffusionUNet, dict[str, float]]:
+                     seed: int, device: torch.device = CPU,
+                     precision: str = "32"
+                     ) -> tuple[DiffusionUNet, DiffusionUNet, dict[str, float]]:
     """G^I on the uploads' normal images [N, 3, S, S], G^M on their masks [M, S, S] by defect
-    class; the EMA models and statistics (sizes, losses, seconds)."""
+    class, trained on ``device`` under ``precision``'s autocast; the EMA models (on ``device``)
+    and statistics (sizes, losses, seconds)."""
     images = np.concatenate([u.normal_images for u in uploads])
     masks = np.concatenate([u.masks for u in uploads])
     classes = np.concatenate([u.mask_classes for u in uploads]) - 1  # 0 is "good"
@@ -37,13 +41,14 @@ def train_generators(uploads: Sequence[ServerUpload], settings: DADDASettings, n
         raise RuntimeError(f"stage 2: uploads of {images.shape[2:]} / {masks.shape[1:]} px, "
                            f"dadda-diffusion-size={size}")
     image_model, image_stats = train_diffusion(
-        DiffusionUNet(**settings.unet_kwargs(3)), torch.from_numpy(images) * 2 - 1,
-        settings=settings, iterations=settings.dadda_train_iterations, seed=seed, name="G^I")
+        DiffusionUNet(**settings.unet_kwargs(3)).to(device), torch.from_numpy(images) * 2 - 1,
+        settings=settings, iterations=settings.dadda_train_iterations, seed=seed, name="G^I",
+        precision=precision)
     mask_model, mask_stats = train_diffusion(
-        DiffusionUNet(**settings.unet_kwargs(1, num_classes=num_types)),
+        DiffusionUNet(**settings.unet_kwargs(1, num_classes=num_types)).to(device),
         torch.from_numpy(masks).float()[:, None] * 2 - 1, settings=settings,
         iterations=settings.dadda_train_iterations, seed=seed + 1,
-        classes=torch.from_numpy(classes), name="G^M")
+        classes=torch.from_numpy(classes), name="G^M", precision=precision)
     stats = {"normal_images": len(images), "masks": len(masks),
              "image_model_loss": image_stats["loss"], "mask_model_loss": mask_stats["loss"],
              "image_model_seconds": image_stats["seconds"],
@@ -53,7 +58,7 @@ def train_generators(uploads: Sequence[ServerUpload], settings: DADDASettings, n
 
 
 def pack_generators(image_model: DiffusionUNet, mask_model: DiffusionUNet) -> ArrayRecord:
-    """Both generators' state dicts as one ArrayRecord."""
+    """Both generators' state dicts as one ArrayRecord (CPU arrays, whatever their device)."""
     return ArrayRecord({f"{prefix}.{name}": value
                         for prefix, model in ((IMAGE_MODEL, image_model), (MASK_MODEL, mask_model))
                         for name, value in model.state_dict().items()})

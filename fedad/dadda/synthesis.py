@@ -20,6 +20,7 @@ import torch
 from fedad.dadda.diffusion import sample, train_diffusion
 from fedad.dadda.settings import DADDASettings
 from fedad.dam import DAMSettings, augment_defects
+from fedad.device import CPU
 from fedad.models.diffusion_unet import DiffusionUNet
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,15 @@ def dam_pairs(normal_images: np.ndarray, real: DefectPairs, *, count: int, kind:
 
 
 def finetune_image_model(pretrained: Mapping[str, torch.Tensor], pairs: DefectPairs, *,
-                         settings: DADDASettings, seed: int) -> DiffusionUNet:
+                         settings: DADDASettings, seed: int,
+                         device: torch.device = CPU,
+                         precision: str = "32") -> DiffusionUNet:
     """G^I with mask cross-attention, started from the server's unconditional G^I weights
-    (``pretrained``: its state dict) and fine-tuned on the site's defective ``pairs``.
+    (``pretrained``: its state dict) and fine-tuned on the site's defective ``pairs`` on
+    ``device`` under ``precision``'s autocast.
 
     Only the cross-attention, mask-embedding and mask-time modules are new; every pretrained
-    weight must load (ValueError otherwise). Returns the EMA model.
+    weight must load (ValueError otherwise). Returns the EMA model (on ``device``).
     """
     pairs.check("fine-tuning pairs")
     if not len(pairs):
@@ -125,19 +129,22 @@ def finetune_image_model(pretrained: Mapping[str, torch.Tensor], pairs: DefectPa
         raise ValueError(f"G^I weights do not fit the conditional U-Net: unexpected "
                          f"{unexpected[:5]}, missing {not_new[:5]}")
     masks = torch.from_numpy(pairs.masks).float()[:, None]
-    ema, stats = train_diffusion(model, to_model_range(pairs.images), settings=settings,
-                                 iterations=settings.dadda_finetune_iterations, seed=seed,
-                                 masks=masks, name="G^I fine-tuning")
+    ema, stats = train_diffusion(model.to(device), to_model_range(pairs.images),
+                                 settings=settings, iterations=settings.dadda_finetune_iterations,
+                                 seed=seed, masks=masks, name="G^I fine-tuning",
+                                 precision=precision)
     log.info("G^I fine-tuned on %d pairs: loss %.4f in %.1f s", len(pairs), stats["loss"],
              stats["seconds"])
     return ema
 
 
 def sample_masks(mask_model: DiffusionUNet, classes: Sequence[int], count: int, *,
-                 settings: DADDASettings, seed: int, max_rounds: int = 3) -> DefectPairs:
-    """``count`` non-empty masks per class from G^M (classifier-free guidance), thresholded at
-    0 in the model range; empty masks are redrawn up to ``max_rounds`` times, then left out.
-    Returns pairs whose images are zeros (only masks and classes are filled)."""
+                 settings: DADDASettings, seed: int, max_rounds: int = 3,
+                 precision: str = "32") -> DefectPairs:
+    """``count`` non-empty masks per class from G^M (classifier-free guidance, on its device
+    under ``precision``'s autocast), thresholded at 0 in the model range; empty masks are
+    redrawn up to ``max_rounds`` times, then left out. Returns pairs whose images are zeros
+    (only masks and classes are filled)."""
     size = mask_model.image_size
     kept: list[tuple[np.ndarray, int]] = []
     for defect_class in classes:
@@ -148,7 +155,8 @@ def sample_masks(mask_model: DiffusionUNet, classes: Sequence[int], count: int, 
                 break
             drawn = sample(mask_model, need, settings=settings,
                            seed=seed + 104729 * defect_class + attempt,
-                           classes=torch.full((need,), int(defect_class), dtype=torch.long))
+                           classes=torch.full((need,), int(defect_class), dtype=torch.long),
+                           precision=precision)
             binary = (drawn[:, 0] > 0).numpy().astype(np.uint8)
             found += [m for m in binary if m.any()]
         if len(found) < count:
@@ -164,12 +172,15 @@ def sample_masks(mask_model: DiffusionUNet, classes: Sequence[int], count: int, 
 
 def diffusion_pairs(image_model: DiffusionUNet, mask_model: DiffusionUNet,
                     classes: Sequence[int], count: int, *, settings: DADDASettings,
-                    seed: int) -> DefectPairs:
-    """Eq. (7): M_i = G^M(z | class), I_i = G^I(z | M_i); ``count`` pairs per class."""
-    masks = sample_masks(mask_model, classes, count, settings=settings, seed=seed)
+                    seed: int, precision: str = "32") -> DefectPairs:
+    """Eq. (7): M_i = G^M(z | class), I_i = G^I(z | M_i); ``count`` pairs per class (each
+    model on its own device, under ``precision``'s autocast)."""
+    masks = sample_masks(mask_model, classes, count, settings=settings, seed=seed,
+                         precision=precision)
     if not len(masks):
         return masks
     condition = torch.from_numpy(masks.masks).float()[:, None]
-    images = sample(image_model, len(masks), settings=settings, seed=seed + 1, masks=condition)
+    images = sample(image_model, len(masks), settings=settings, seed=seed + 1, masks=condition,
+                    precision=precision)
     images = ((images + 1) / 2).permute(0, 2, 3, 1).numpy().astype(np.float32)
     return DefectPairs(np.clip(images, 0.0, 1.0), masks.masks, masks.classes).check("synthesized")

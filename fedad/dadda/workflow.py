@@ -31,6 +31,7 @@ from fedad.dadda.detector import build_detector, defect_types_of
 from fedad.dadda.protocol import CACHED, GENERATORS, PREVIEW_DIR, SEND_UPLOAD, SYNTHESIZE, UPLOAD
 from fedad.dadda.settings import DADDASettings
 from fedad.dadda.tables import class_accuracy_metrics, write_tables
+from fedad.device import device_of
 from fedad.federation import train_global_model
 from fedad.payloads import Query, audit_row, message_arrays
 from fedad.server_run import ServerRun
@@ -72,7 +73,8 @@ def upload_stage(run: ServerRun) -> tuple[DADDAUploadStrategy, ArrayRecord | Non
     """The stages 1-2 strategy, and the generators when a resumed run finished stage 2 (its
     stage checkpoint restores the strategy's state too); None otherwise."""
     strategy = DADDAUploadStrategy(run.cfg.section(DADDASettings), len(defect_types_of(run.cfg)),
-                                   len(run.data.defect_types), run.cfg.seed)
+                                   len(run.data.defect_types), run.cfg.seed,
+                                   device_of(run.cfg), run.cfg.precision)
     saved = run.load_stage(GENERATORS)
     if saved is None:
         return strategy, None

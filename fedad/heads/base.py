@@ -6,8 +6,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from fedad.device import CPU, float64_device
 from fedad.heads.payload import Payload
 from fedad.heads.settings import HeadSettings
 
@@ -20,6 +22,9 @@ class FeatureHead(ABC):
 
     Round 1: each site calls :meth:`fit_local`; the server calls :meth:`merge`. Later rounds:
     each site calls :meth:`refine_local` on the global head; the server calls :meth:`refine`.
+    A head computes on ``device`` (the CPU for MPS, which has no float64: see
+    :func:`fedad.device.float64_device`) whatever device its features come from; payloads are
+    numpy, :meth:`patch_scores` returns a tensor on ``device``.
     """
 
     fit_kind: str  # payload kind of a fitted head
@@ -28,11 +33,23 @@ class FeatureHead(ABC):
     """Whether rounds after the first change the head (False: the workflow runs one round)."""
 
     def __init__(self, settings: HeadSettings, dim: int, seed: int = 0,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None,
+                 device: torch.device = CPU) -> None:
         self.settings = settings
         self.dim = dim
         self.seed = seed
         self.grid = grid  # (h, w) of the feature maps, for heads that model patch positions
+        self.device = float64_device(device)
+
+    def rows(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch features [N, D] checked (:func:`check_features`), float32 on the head's
+        device."""
+        features = check_features(features, self.dim)
+        return features if features.device == self.device else features.to(self.device)
+
+    def tensor(self, array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A payload's numpy ``array`` as a ``dtype`` tensor on the head's device."""
+        return torch.from_numpy(np.asarray(array)).to(self.device, dtype)
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -28,22 +28,23 @@ def _check_points(points: torch.Tensor, weights: torch.Tensor | None, k: int) ->
     if not 1 <= k <= len(points):
         raise ValueError(f"k={k}: must be in [1, N={len(points)}]")
     if weights is None:
-        return torch.ones(len(points), dtype=points.dtype)
+        return torch.ones(len(points), dtype=points.dtype, device=points.device)
     if weights.shape != (len(points),) or not (weights > 0).all():
         raise ValueError(f"weights: expected positive [N={len(points)}], got {weights.shape}")
-    return weights.to(points.dtype)
+    return weights.to(points)
 
 
 def kmeans_plus_plus(points: torch.Tensor, k: int, weights: torch.Tensor,
                      generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: points [N, D], weights [N] -> initial centres [k, D]."""
-    first = torch.multinomial(weights, 1, generator=generator)
+    """k-means++ seeding: points [N, D], weights [N] -> initial centres [k, D] (the draws on
+    the CPU with ``generator``, the distances on the points' device)."""
+    first = torch.multinomial(weights.cpu(), 1, generator=generator)
     centres = [points[first[0]]]
     closest = torch.cdist(points, centres[0][None]).squeeze(1).pow(2)
     for _ in range(1, k):
-        mass = weights * closest
+        mass = (weights * closest).cpu()
         if mass.sum() <= 0:  # fewer distinct points than k: repeat one
-            index = torch.multinomial(weights, 1, generator=generator)
+            index = torch.multinomial(weights.cpu(), 1, generator=generator)
         else:
             index = torch.multinomial(mass, 1, generator=generator)
         centres.append(points[index[0]])
@@ -58,9 +59,9 @@ def sinkhorn(cost: torch.Tensor, row_mass: torch.Tensor, epsilon: float,
     column sums (on the log scale: 1e-2 is a 1 % deviation); computed in the log domain."""
     k = cost.shape[1]
     log_rows = torch.log(row_mass / row_mass.sum())
-    log_cols = torch.full((k,), -math.log(k), dtype=cost.dtype)
+    log_cols = torch.full((k,), -math.log(k), dtype=cost.dtype, device=cost.device)
     log_kernel = -cost / epsilon
-    v = torch.zeros(k, dtype=cost.dtype)
+    v = torch.zeros(k, dtype=cost.dtype, device=cost.device)
     for _ in range(max_iterations):
         u = log_rows - torch.logsumexp(log_kernel + v[None, :], dim=1)
         column_log_mass = torch.logsumexp(log_kernel + u[:, None], dim=0)
@@ -120,7 +121,8 @@ def kmeans(points: torch.Tensor, k: int, *, weights: torch.Tensor | None = None,
     centres = kmeans_plus_plus(points, k, weights, torch.Generator().manual_seed(seed))
     for _ in range(iterations):
         nearest = torch.cdist(points, centres).argmin(1)
-        mass = torch.zeros(k, dtype=points.dtype).index_add_(0, nearest, weights)
+        mass = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(
+            0, nearest, weights)
         sums = torch.zeros_like(centres).index_add_(0, nearest, points * weights[:, None])
         filled = mass > 0
         centres[filled] = sums[filled] / mass[filled, None]
@@ -131,8 +133,8 @@ def hard_counts(points: torch.Tensor, centres: torch.Tensor,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """(Weighted) number of points [N, D] whose nearest centre [K, D] is each centre -> [K]."""
     nearest = torch.cdist(points.double(), centres.double()).argmin(1)
-    weights = torch.ones(len(points)) if weights is None else weights
-    return torch.zeros(len(centres), dtype=torch.float64).index_add_(
+    weights = torch.ones(len(points), device=points.device) if weights is None else weights
+    return torch.zeros(len(centres), dtype=torch.float64, device=points.device).index_add_(
         0, nearest, weights.double()).float()
 
 
@@ -146,7 +148,7 @@ def greedy_coreset(points: torch.Tensor, size: int, *, projection_dim: int = 128
     generator = torch.Generator().manual_seed(seed)
     reduced = points
     if points.shape[1] > projection_dim:
-        matrix = torch.randn(points.shape[1], projection_dim, generator=generator)
+        matrix = torch.randn(points.shape[1], projection_dim, generator=generator).to(points)
         reduced = points @ matrix / math.sqrt(projection_dim)
     chosen = [int(torch.randint(len(points), (1,), generator=generator))]
     closest = torch.cdist(reduced, reduced[chosen[0]][None]).squeeze(1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedad.heads.base import FeatureHead, check_features
+from fedad.heads.base import FeatureHead
 from fedad.heads.payload import Payload
 from fedad.train.loop import train_loop
 
@@ -91,8 +91,8 @@ class FlowHead(FeatureHead):
 
     def fit_local(self, features: torch.Tensor) -> Payload:
         """Site: standardise with the local moments and train a fresh flow."""
-        features = check_features(features, self.dim)
-        flow = self.new_flow()
+        features = self.rows(features)
+        flow = self.new_flow().to(self.device)
         flow.mean.copy_(features.mean(0))
         flow.std.copy_(features.std(0).clamp_min(1e-3))
         return self._train(flow, features)
@@ -113,7 +113,7 @@ class FlowHead(FeatureHead):
     def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
         """Site: train the global flow further on local features (standardisation fixed)."""
         flow = self._load(head)
-        return self._train(flow, check_features(features, self.dim))
+        return self._train(flow, self.rows(features))
 
     def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
         """Server: FedAvg of the sites' flows, weighted by patch counts."""
@@ -125,12 +125,13 @@ class FlowHead(FeatureHead):
         """Negative log-likelihood [N] of patch features [N, D] under the flow."""
         flow = self._load(head).eval()
         with torch.no_grad():
-            return -flow.log_prob(check_features(features, self.dim))
+            return -flow.log_prob(self.rows(features))
 
     def _load(self, head: Payload) -> PatchFlow:
+        """The flow of ``head`` on the head's device."""
         flow = self.new_flow()
         flow.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head.arrays.items()})
-        return flow
+        return flow.to(self.device)
 
     def _train(self, flow: PatchFlow, features: torch.Tensor) -> Payload:
         """``flow-epochs`` epochs of maximum likelihood (Adam, no gradient clipping), seeded
@@ -149,7 +150,8 @@ class FlowHead(FeatureHead):
                        clip_norm=None, name="flow training")
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}: the flow diverged; lower flow-lr") from None
-        state = OrderedDict((k, v.detach().numpy().copy()) for k, v in flow.state_dict().items())
+        state = OrderedDict((k, v.detach().cpu().numpy().copy())
+                            for k, v in flow.state_dict().items())
         return Payload(self.fit_kind, state, len(features))
 
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedad.heads.base import FeatureHead, check_features
+from fedad.device import CPU
+from fedad.heads.base import FeatureHead
 from fedad.heads.payload import Payload
 from fedad.heads.scoring import PatchSet
 from fedad.heads.settings import HeadSettings
@@ -51,13 +52,14 @@ class GaussianHead(FeatureHead):
     refines = False  # exact in one round: later rounds would rebuild the same head
 
     def __init__(self, settings: HeadSettings, dim: int, seed: int = 0,
-                 grid: tuple[int, int] | None = None) -> None:
-        super().__init__(settings, dim, seed, grid)
+                 grid: tuple[int, int] | None = None,
+                 device: torch.device = CPU) -> None:
+        super().__init__(settings, dim, seed, grid, device)
         if grid is None:
             raise ValueError("method=padim: the head needs the feature maps' grid (h, w)")
         draw = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
-        self.channels = draw[:settings.gaussian_channels].sort().values
-        self.cells = cells(grid, settings)
+        self.channels = draw[:settings.gaussian_channels].sort().values.to(self.device)
+        self.cells = [cell.to(self.device) for cell in cells(grid, settings)]
         self._scorer: tuple[Payload, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -82,7 +84,8 @@ class GaussianHead(FeatureHead):
         stats = {"counts": torch.tensor([float(len(s)) for s in samples], dtype=torch.float64),
                  "sums": torch.stack([s.sum(0) for s in samples]),
                  "outer": torch.stack([s.T @ s for s in samples])}
-        return Payload(self.fit_kind, {k: v.numpy() for k, v in stats.items()}, len(features))
+        return Payload(self.fit_kind, {k: v.cpu().numpy() for k, v in stats.items()},
+                       len(features))
 
     def merge(self, payloads: list[Payload]) -> Payload:
         """Server: the sum of the sites' statistics (the statistics of the pooled patches)."""
@@ -101,20 +104,21 @@ class GaussianHead(FeatureHead):
     def gaussians(self, head: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         """Means [K, C] and covariances [K, C, C] (unbiased, plus EPS * I; float64) of the
         statistics ``head``."""
-        counts, sums, outer = (torch.from_numpy(head.arrays[name]).double()
+        counts, sums, outer = (self.tensor(head.arrays[name], torch.float64)
                                for name in ("counts", "sums", "outer"))
         means = sums / counts[:, None]
         scatter = outer - counts[:, None, None] * means[:, :, None] * means[:, None, :]
         covariances = scatter / (counts - 1).clamp_min(1)[:, None, None]
         covariances = (covariances + covariances.mT) / 2
-        return means, covariances + EPS * torch.eye(len(self.channels), dtype=torch.float64)
+        eye = torch.eye(len(self.channels), dtype=torch.float64, device=self.device)
+        return means, covariances + EPS * eye
 
     def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance [n * h * w] of whole images' patch rows [n * h * w, D] to the
         Gaussian of each row's cell."""
         means, roots = self._roots(head)
         x = self._by_position(features)
-        scores = torch.empty(x.shape[:2], dtype=torch.float64)
+        scores = torch.empty(x.shape[:2], dtype=torch.float64, device=x.device)
         for cell, mean, root in zip(self.cells, means, roots, strict=True):
             scores[:, cell] = ((x[:, cell].double() - mean) @ root).pow(2).sum(-1).sqrt()
         return scores.flatten().float()
@@ -125,14 +129,15 @@ class GaussianHead(FeatureHead):
         if self._scorer is None or self._scorer[0] is not head:
             means, covariances = self.gaussians(head)
             chol = torch.linalg.cholesky(covariances)
-            identity = torch.eye(len(self.channels), dtype=torch.float64).expand_as(chol)
+            identity = torch.eye(len(self.channels), dtype=torch.float64,
+                                 device=chol.device).expand_as(chol)
             inverse = torch.linalg.solve_triangular(chol, identity, upper=False)
             self._scorer = (head, means, inverse.mT)
         return self._scorer[1], self._scorer[2]
 
     def _by_position(self, features: torch.Tensor) -> torch.Tensor:
         """The kept channels of whole images' patch rows [n * h * w, D] as [n, h * w, C]."""
-        features = check_features(features, self.dim)
+        features = self.rows(features)
         h, w = self.grid
         if len(features) % (h * w):
             raise ValueError(f"method=padim: {len(features)} patch rows are not whole images "

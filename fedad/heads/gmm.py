@@ -38,8 +38,9 @@ class GaussianMixtureHead(FeatureHead):
         return self.settings.gmm_components
 
     def fit_local(self, features: torch.Tensor) -> Payload:
-        """Site: EM on patch features [N, D] (scikit-learn, seeded)."""
-        features = check_features(features, self.dim).double().numpy()
+        """Site: EM on patch features [N, D] (scikit-learn, seeded; on the CPU whatever the
+        head's device)."""
+        features = check_features(features, self.dim).double().cpu().numpy()
         model = GaussianMixture(self.num_units, covariance_type=self.settings.gmm_covariance,
                                 reg_covar=REG_COVAR, max_iter=100, random_state=self.seed)
         model.fit(features)
@@ -66,11 +67,12 @@ class GaussianMixtureHead(FeatureHead):
 
     def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
         """Site: E-step sufficient statistics under the global mixture."""
-        x = check_features(features, self.dim).double()
+        x = self.rows(features).double()
         resp = torch.softmax(_component_log_densities(head, x), dim=1)  # [N, K]
         stats = {"counts": resp.sum(0), "sums": resp.T @ x,
                  "outer": torch.einsum("nk,nd,ne->kde", resp, x, x)}
-        return Payload(self.refine_kind, {k: v.numpy() for k, v in stats.items()}, len(x))
+        return Payload(self.refine_kind, {k: v.cpu().numpy() for k, v in stats.items()},
+                       len(x))
 
     def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
         """Server: M-step on the pooled statistics (the centralized EM step)."""
@@ -86,7 +88,7 @@ class GaussianMixtureHead(FeatureHead):
 
     def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [N] of patch features [N, D] under the mixture."""
-        x = check_features(features, self.dim).double()
+        x = self.rows(features).double()
         return -torch.logsumexp(_component_log_densities(head, x), dim=1).float()
 
     def _restrict(self, covs: np.ndarray) -> np.ndarray:
@@ -110,10 +112,11 @@ def _moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray
 
 
 def _component_log_densities(head: Payload, x: torch.Tensor) -> torch.Tensor:
-    """log (w_k N(x | mu_k, Sigma_k)) [N, K] for x [N, D] (float64, Cholesky)."""
-    weights = torch.from_numpy(head.arrays["weights"]).double()
-    means = torch.from_numpy(head.arrays["means"]).double()
-    chol = torch.linalg.cholesky(torch.from_numpy(head.arrays["covariances"]).double())
+    """log (w_k N(x | mu_k, Sigma_k)) [N, K] for x [N, D] (float64, Cholesky, on x's
+    device)."""
+    weights, means, covariances = (torch.from_numpy(head.arrays[name]).to(x.device, torch.float64)
+                                   for name in ("weights", "means", "covariances"))
+    chol = torch.linalg.cholesky(covariances)
     centred = (x[None] - means[:, None]).transpose(1, 2)  # [K, D, N]
     z = torch.linalg.solve_triangular(chol, centred, upper=False)
     log_det = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)  # [K]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedad.heads.base import FeatureHead, check_features
+from fedad.heads.base import FeatureHead
 from fedad.heads.clustering import greedy_coreset, hard_counts, kmeans, sinkhorn_kmeans
 from fedad.heads.payload import Payload
 
@@ -46,29 +46,30 @@ class MemoryBankHead(FeatureHead):
 
     def fit_local(self, features: torch.Tensor) -> Payload:
         """Site: K prototypes of patch features [N, D] and the patch count of each."""
-        features = check_features(features, self.dim)
+        features = self.rows(features)
         prototypes = self.cluster(features)
         counts = hard_counts(features, prototypes)
         return _prototypes(prototypes, counts.clamp_min(1e-3), len(features))
 
     def merge(self, payloads: list[Payload]) -> Payload:
         """Server: cluster the union of the sites' prototypes, weighted by their counts."""
-        points = torch.from_numpy(np.concatenate([p.arrays["prototypes"] for p in payloads]))
-        weights = torch.from_numpy(np.concatenate([p.arrays["counts"] for p in payloads]))
-        prototypes = self.cluster(points.float(), weights.float())
+        points = self.tensor(np.concatenate([p.arrays["prototypes"] for p in payloads]))
+        weights = self.tensor(np.concatenate([p.arrays["counts"] for p in payloads]))
+        prototypes = self.cluster(points, weights)
         counts = hard_counts(points, prototypes, weights)
         return _prototypes(prototypes, counts.clamp_min(1e-3), sum(p.count for p in payloads))
 
     def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
         """Site: per-prototype sums [K, D] and counts [K] of its patches nearest to each."""
-        features = check_features(features, self.dim)
-        prototypes = torch.from_numpy(head.arrays["prototypes"]).double()
+        features = self.rows(features)
+        prototypes = self.tensor(head.arrays["prototypes"], torch.float64)
         nearest = torch.cdist(features.double(), prototypes).argmin(1)
-        counts = torch.zeros(len(prototypes), dtype=torch.float64).index_add_(
-            0, nearest, torch.ones(len(features), dtype=torch.float64))
+        ones = torch.ones(len(features), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(prototypes), dtype=torch.float64,
+                             device=self.device).index_add_(0, nearest, ones)
         sums = torch.zeros_like(prototypes).index_add_(0, nearest, features.double())
-        return Payload(self.refine_kind, {"sums": sums.numpy(), "counts": counts.numpy()},
-                       len(features))
+        return Payload(self.refine_kind, {"sums": sums.cpu().numpy(),
+                                          "counts": counts.cpu().numpy()}, len(features))
 
     def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
         """Server: one Lloyd step on the pooled statistics (an empty prototype stays put)."""
@@ -82,10 +83,9 @@ class MemoryBankHead(FeatureHead):
 
     def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
         """Distance [N] of each patch feature [N, D] to its nearest prototype."""
-        prototypes = torch.from_numpy(head.arrays["prototypes"]).float()
-        return torch.cdist(check_features(features, self.dim), prototypes).amin(1)
+        return torch.cdist(self.rows(features), self.tensor(head.arrays["prototypes"])).amin(1)
 
 
 def _prototypes(prototypes: torch.Tensor, counts: torch.Tensor, count: int) -> Payload:
-    return Payload("prototypes", {"prototypes": prototypes.float().numpy(),
-                                  "counts": counts.float().numpy()}, count)
+    return Payload("prototypes", {"prototypes": prototypes.float().cpu().numpy(),
+                                  "counts": counts.float().cpu().numpy()}, count)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from fedad.config import ConfigError, ExperimentConfig
+from fedad.device import device_of, model_device
 from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor, build_extractor
 from fedad.heads.flow import FlowHead
@@ -55,22 +56,24 @@ def settings_extractor(settings: HeadSettings, image_size: int,
 
 @functools.lru_cache(maxsize=2)
 def extractor_for(cfg: ExperimentConfig) -> PatchFeatureExtractor:
-    """The run's patch feature extractor (built once per process)."""
-    return settings_extractor(head_settings(cfg), cfg.image_size, cfg.backbone)
+    """The run's patch feature extractor on the run's device (built once per process)."""
+    return settings_extractor(head_settings(cfg), cfg.image_size, cfg.backbone).to(
+        device_of(cfg))
 
 
 @functools.lru_cache(maxsize=2)
 def feature_grid(cfg: ExperimentConfig) -> tuple[int, int]:
     """(h, w) of the run's patch feature maps [N, D, h, w] (from one grey image)."""
     side = cfg.image_size
-    features = extractor_for(cfg)(torch.full((1, 3, side, side), 0.5))
+    extractor = extractor_for(cfg)
+    features = extractor(torch.full((1, 3, side, side), 0.5, device=model_device(extractor)))
     return int(features.shape[-2]), int(features.shape[-1])
 
 
 def head_for(cfg: ExperimentConfig) -> FeatureHead:
     """The head of ``cfg.method`` for the extractor's feature width and grid, seeded by
-    ``cfg.seed``."""
+    ``cfg.seed``, computing on the run's device."""
     if cfg.method not in HEADS:
         raise ValueError(f"method={cfg.method!r} is not a feature head ({', '.join(HEADS)})")
     return HEADS[cfg.method](head_settings(cfg), extractor_for(cfg).dim, cfg.seed,
-                             feature_grid(cfg))
+                             feature_grid(cfg), device_of(cfg))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedad.data import AnomalyDataset, Sample
+from fedad.device import autocast, model_device, to_device
 from fedad.heads.base import FeatureHead
 from fedad.heads.features import PatchFeatureExtractor
 from fedad.heads.payload import Payload
@@ -79,12 +80,15 @@ class PatchSet:
 
 def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
                     image_size: int, defect_types: Sequence[str] | None = None,
-                    batch_size: int = EXTRACTION_BATCH) -> PatchSet:
-    """Patch features [N, D, h, w] (:data:`STORAGE_DTYPE`) of ``samples`` at ``image_size``
-    (and labels, masks, images), written batch by batch into arrays allocated once: the set
-    holds :meth:`PatchSet.bytes_for` and extraction adds only one batch's activations."""
+                    batch_size: int = EXTRACTION_BATCH, precision: str = "32") -> PatchSet:
+    """Patch features [N, D, h, w] (:data:`STORAGE_DTYPE`, on the CPU) of ``samples`` at
+    ``image_size`` (and labels, masks, images), written batch by batch into arrays allocated
+    once: the set holds :meth:`PatchSet.bytes_for` and extraction adds only one batch's
+    activations. Each batch of ``batch_size`` images goes through the extractor on its device,
+    under ``precision``'s autocast."""
     if not samples:
         raise ValueError("extract_patches: no samples")
+    device = model_device(extractor)
     dataset = AnomalyDataset(samples, image_size, defect_types=defect_types, cache=False)
     n = len(dataset)
     labels, classes = np.empty(n, np.int64), np.empty(n, np.int64)
@@ -93,11 +97,12 @@ def extract_patches(extractor: PatchFeatureExtractor, samples: Sequence[Sample],
     features: torch.Tensor | None = None
     start = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        part = extractor(batch["image"])
+        with autocast(device, precision):
+            part = extractor(to_device(batch["image"], device))
         if features is None:
             features = torch.empty((n, *part.shape[1:]), dtype=STORAGE_DTYPE)
         stop = start + len(part)
-        features[start:stop] = part
+        features[start:stop] = part.to("cpu", STORAGE_DTYPE)
         labels[start:stop] = batch["label"].numpy()
         classes[start:stop] = batch["defect_class"].numpy()
         masks[start:stop] = batch["mask"][:, 0].numpy()
@@ -111,15 +116,15 @@ def anomaly_maps(head: FeatureHead, payload: Payload, features: torch.Tensor, im
                  sigma: float, baseline: np.ndarray | None = None,
                  whitening: Whitening | None = None) -> np.ndarray:
     """Anomaly maps [N, H, W]: patch scores of features [N, D, h, w] under ``payload`` (a few
-    images at a time, :data:`PATCHES_PER_CHUNK`, each chunk in float32 and whitened by
-    ``whitening`` if given, so that no float32 or whitened copy of the whole set is made),
-    upsampled bilinearly to ``image_size``, Gaussian-smoothed with ``sigma`` pixels, minus
-    ``baseline`` [H, W] when given (:func:`map_baseline`)."""
+    images at a time, :data:`PATCHES_PER_CHUNK`, each chunk moved to the head's device, in
+    float32 and whitened by ``whitening`` if given, so that no float32 or whitened copy of the
+    whole set is made), upsampled bilinearly to ``image_size``, Gaussian-smoothed with
+    ``sigma`` pixels, minus ``baseline`` [H, W] when given (:func:`map_baseline`)."""
     n, d, h, w = features.shape
 
     def chunk_scores(chunk: torch.Tensor) -> torch.Tensor:
-        flat = chunk.permute(0, 2, 3, 1).reshape(-1, d).float()
-        return head.patch_scores(payload, whiten(flat, whitening))
+        flat = to_device(chunk, head.device).permute(0, 2, 3, 1).reshape(-1, d).float()
+        return head.patch_scores(payload, whiten(flat, whitening)).cpu()
 
     scores = torch.cat([chunk_scores(chunk)
                         for chunk in features.split(max(1, PATCHES_PER_CHUNK // (h * w)))])

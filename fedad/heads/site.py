@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from fedad.config import ExperimentConfig
+from fedad.device import device_of, float64_device, to_device
 from fedad.experiment import prepare_data
 from fedad.heads.payload import Payload
 from fedad.heads.registry import extractor_for, feature_grid, head_for, head_settings
@@ -43,7 +44,8 @@ def normal_patches(cfg: ExperimentConfig, partition_id: int, num_partitions: int
     check_memory(cfg, partition_id, role, len(samples))
     log.info("partition %d: extracting %s features of %d normal images", partition_id, role,
              len(samples))
-    return extract_patches(extractor_for(cfg), samples, cfg.image_size)
+    return extract_patches(extractor_for(cfg), samples, cfg.image_size,
+                           precision=cfg.precision)
 
 
 def available_memory() -> int:
@@ -77,12 +79,13 @@ def check_memory(cfg: ExperimentConfig, partition_id: int, role: str, count: int
 def site_feature_moments(cfg: ExperimentConfig, partition_id: int,
                          num_partitions: int) -> Payload | None:
     """Moments of the site's normal training patch features (the ``max-patches`` subsample the
-    head is fitted on); None when the site holds no normal training images."""
+    head is fitted on, computed on the head's device); None when the site holds no normal
+    training images."""
     patches = normal_patches(cfg, partition_id, num_partitions, "train")
     if patches is None:
         return None
-    return feature_moments(patches.flat(head_settings(cfg).max_patches,
-                                        seed=cfg.seed + partition_id))
+    rows = patches.flat(head_settings(cfg).max_patches, seed=cfg.seed + partition_id)
+    return feature_moments(to_device(rows, float64_device(device_of(cfg))))
 
 
 def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
@@ -95,7 +98,8 @@ def fit_or_refine(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
     if patches is None:
         return None
     head = head_for(cfg)
-    features = whiten(head.fit_rows(patches, seed=cfg.seed + partition_id), whitening)
+    features = whiten(to_device(head.fit_rows(patches, seed=cfg.seed + partition_id),
+                                head.device), whitening)
     if global_head is None:
         return head.fit_local(features)
     return head.refine_local(global_head, features)

@@ -32,8 +32,8 @@ def feature_moments(features: torch.Tensor) -> Payload:
     if features.dim() != 2 or not len(features) or not torch.isfinite(features).all():
         raise ValueError(f"feature_moments: expected finite [N, D], got {list(features.shape)}")
     x = features.double()
-    return Payload("feature-moments", {"mean": x.mean(0).numpy(),
-                                       "second": (x.T @ x / len(x)).numpy()}, len(x))
+    return Payload("feature-moments", {"mean": x.mean(0).cpu().numpy(),
+                                       "second": (x.T @ x / len(x)).cpu().numpy()}, len(x))
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,9 @@ class Whitening:
         return cls(mean.astype(np.float32), matrix.astype(np.float32))
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        """Whitened features: [N, D] -> [N, D] float32."""
-        mean, matrix = torch.from_numpy(self.mean), torch.from_numpy(self.matrix)
+        """Whitened features: [N, D] -> [N, D] float32, on the features' device."""
+        mean = torch.from_numpy(self.mean).to(features.device)
+        matrix = torch.from_numpy(self.matrix).to(features.device)
         if features.dim() != 2 or features.shape[1] != len(mean):
             raise ValueError(f"whitening of width {len(mean)} applied to features "
                              f"{list(features.shape)}")

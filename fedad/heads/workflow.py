@@ -198,7 +198,7 @@ def run_feature_head(grid: Grid, cfg: ExperimentConfig) -> dict:
         test_samples = [s for s in test_samples if s.category == settings.target_category]
     started = time.perf_counter()
     test = extract_patches(extractor_for(cfg), test_samples, cfg.image_size,
-                           run.data.defect_types)
+                           run.data.defect_types, precision=cfg.precision)
     log.info("results: %s | sites: %d | test images: %d (features in %.1f s)", run.root,
              len(run.nodes), len(test_samples), time.perf_counter() - started)
     head = head_for(cfg)

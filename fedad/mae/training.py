@@ -27,6 +27,7 @@ from torch import nn
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
+from fedad.device import autocast, cpu_numpy, model_device, to_device
 from fedad.mae.model import MAEOutput
 from fedad.mae.settings import MAESettings
 from fedad.models import create_model
@@ -112,19 +113,22 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
+    device = model_device(model)
     model.train()
 
     def step(batch: dict[str, torch.Tensor]):
-        images = batch["image"]
+        images = to_device(batch["image"], device)
         output = model(images, generator=generator)
-        return output, torch.zeros(len(images)), reconstruction_loss(output, images, ssim_weight)
+        labels = torch.zeros(len(images), device=device)
+        return output, labels, reconstruction_loss(output, images, ssim_weight)
 
     result = train_loop(step, itertools.repeat(loader, cfg.local_epochs), optimizer, params,
-                        max_batches=cfg.max_train_batches, extra_loss=extra_loss, name="mae")
+                        max_batches=cfg.max_train_batches, extra_loss=extra_loss,
+                        precision=cfg.precision, name="mae")
     if not holdout:
         log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
     calibrate_thresholds(model, holdout or train, cfg.image_size, map_sigma(cfg),
-                         s.mae_threshold_quantile)
+                         s.mae_threshold_quantile, cfg.precision)
     result.update({
         "num-examples": len(train), "train_seconds": time.perf_counter() - start,
         "pixel_threshold": float(model.pixel_threshold), "pretraining": float(pretraining),
@@ -136,10 +140,10 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
 @torch.no_grad()
 def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_size: int,
                           sigma: float, defect_types: Sequence[str] | None = None,
-                          batch_size: int = 16
+                          batch_size: int = 16, precision: str = "32"
                           ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Raw anomaly maps (smoothed with ``sigma`` pixels) and image scores of the full
-    (unmasked) images.
+    (unmasked) images, computed on the model's device under ``precision``'s autocast.
 
     Returns:
         maps [N, H, W] (smoothed squared error, mean over RGB), scores [N] (map maxima), and
@@ -148,13 +152,17 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
     if not samples:
         raise ValueError("mae: no samples to reconstruct")
     model.eval()
+    device = model_device(model)
     loader = make_loader(samples, image_size, batch_size, shuffle=False,
                          defect_types=defect_types)
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("maps", "labels", "defect_classes", "masks", "images")}
     for batch in loader:
         images = batch["image"]
-        error = ((model(images).reconstruction - images) ** 2).mean(1).numpy()  # [B, H, W]
+        on_device = to_device(images, device)
+        with autocast(device, precision):
+            reconstruction = model(on_device).reconstruction
+        error = cpu_numpy(((reconstruction.float() - on_device) ** 2).mean(1))  # [B, H, W]
         parts["maps"].append(smooth_maps(error, sigma))
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())
@@ -168,10 +176,11 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
 
 
 def calibrate_thresholds(model: nn.Module, normal: Sequence[Sample], image_size: int,
-                         sigma: float, quantile: float) -> None:
+                         sigma: float, quantile: float, precision: str = "32") -> None:
     """Set ``model.pixel_threshold`` / ``image_threshold`` to the ``quantile`` of the raw pixel
     errors / image scores of ``normal`` images (which the model was not trained on)."""
-    maps, scores, _ = reconstruction_errors(model, normal, image_size, sigma)
+    maps, scores, _ = reconstruction_errors(model, normal, image_size, sigma,
+                                            precision=precision)
     model.pixel_threshold.fill_(max(float(np.quantile(maps, quantile)), 1e-12))
     model.image_threshold.fill_(max(float(np.quantile(scores, quantile)), 1e-12))
 
@@ -188,7 +197,8 @@ def predict_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConf
     """Predictions of the calibrated MAE on ``samples`` (maps and scores in [0, 1], 0.5 at the
     model's thresholds)."""
     maps, scores, rest = reconstruction_errors(model, samples, cfg.image_size, map_sigma(cfg),
-                                               defect_types, batch_size=max(cfg.batch_size, 16))
+                                               defect_types, batch_size=max(cfg.batch_size, 16),
+                                               precision=cfg.precision)
     return Predictions(
         maps=to_unit_interval(maps, float(model.pixel_threshold)),
         image_scores=to_unit_interval(scores, float(model.image_threshold)), **rest,

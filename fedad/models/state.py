@@ -11,11 +11,15 @@ from torch import nn
 
 def trainable_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The state federated learning exchanges: every parameter and buffer outside the frozen
-    pretrained modules named by ``model.frozen_prefixes`` (which never leave a site)."""
+    pretrained modules named by ``model.frozen_prefixes`` (which never leave a site), as CPU
+    tensors whatever the model's device."""
+    return OrderedDict((k, v.cpu()) for k, v in _trainable_state(model).items())
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`trainable_state_dict` on the model's own device."""
     frozen = tuple(getattr(model, "frozen_prefixes", ()))
-    return OrderedDict(
-        (k, v) for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))
-    )
+    return {k: v for k, v in model.state_dict().items() if not (frozen and k.startswith(frozen))}
 
 
 def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -24,7 +28,7 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
     Raises:
         ValueError: a missing or unexpected key, or a wrong shape (all listed).
     """
-    expected = trainable_state_dict(model)
+    expected = _trainable_state(model)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [

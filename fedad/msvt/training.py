@@ -20,6 +20,7 @@ from torch import nn
 
 from fedad.config import ExperimentConfig
 from fedad.data import Sample
+from fedad.device import autocast, cpu_numpy, model_device, to_device
 from fedad.models import create_model
 from fedad.models.anomaly_map import MapSettings, smooth_maps
 from fedad.msvt.model import MSVTOutput
@@ -61,14 +62,17 @@ def train_local(
     seed: int,
     max_batches: int = 0,
     extra_loss: Callable[[MSVTOutput, torch.Tensor], torch.Tensor] | None = None,
+    precision: str = "32",
 ) -> dict[str, float]:
-    """Train ``model`` in place on one site's samples.
+    """Train ``model`` in place on one site's samples, on the model's device (batches are
+    decoded and corrupted on the CPU, then moved).
 
     Args:
         samples: the site's training samples (normal, and real defects with masks).
         max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
         extra_loss: optional callable (output, labels [B]) -> scalar tensor added to the loss
             (FedProx's proximal term; contrastive alignment plugs in here).
+        precision: autocast of the forward passes (:func:`fedad.device.autocast`).
     Returns:
         mean losses of the last epoch, ``num-examples`` and ``train_seconds``.
     """
@@ -79,15 +83,17 @@ def train_local(
     synthesizer = AnomalySynthesizer(probability=0.5, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    device = model_device(model)
     model.train()
 
     def step(batch: dict[str, torch.Tensor]):
-        images, masks, labels = _with_synthetic_anomalies(batch, synthesizer)
+        images, masks, labels = to_device(_with_synthetic_anomalies(batch, synthesizer), device)
         output = model(images)
         return output, labels, segmentation_loss(output, masks, labels)
 
     result = train_loop(step, itertools.repeat(loader, epochs), optimizer, params,
-                        max_batches=max_batches, extra_loss=extra_loss, name="train_local")
+                        max_batches=max_batches, extra_loss=extra_loss, precision=precision,
+                        name="train_local")
     result["num-examples"] = len(samples)
     result["train_seconds"] = time.perf_counter() - start
     return result
@@ -111,20 +117,24 @@ def _with_synthetic_anomalies(
 
 @torch.no_grad()
 def predict(model: nn.Module, samples: Sequence[Sample], image_size: int, sigma: float,
-            defect_types: Sequence[str] | None = None, batch_size: int = 32) -> Predictions:
-    """Anomaly maps and image scores of ``model`` on ``samples``.
+            defect_types: Sequence[str] | None = None, batch_size: int = 32,
+            precision: str = "32") -> Predictions:
+    """Anomaly maps and image scores of ``model`` on ``samples``, computed on the model's
+    device under ``precision``'s autocast; numpy predictions.
 
     Maps are sigmoid probabilities smoothed by a Gaussian of ``sigma`` pixels; the image score
     is the mean of the image head's probability and the map's maximum.
     """
     model.eval()
+    device = model_device(model)
     loader = make_loader(samples, image_size, batch_size, shuffle=False, defect_types=defect_types)
     parts: defaultdict[str, list[np.ndarray]] = defaultdict(list)
     for batch in loader:
-        output = model(batch["image"])
-        maps = torch.sigmoid(output.anomaly_logits)[:, 0].numpy()
+        with autocast(device, precision):
+            output = model(to_device(batch["image"], device))
+        maps = cpu_numpy(torch.sigmoid(output.anomaly_logits.float())[:, 0])
         maps = smooth_maps(maps, sigma)
-        head = torch.sigmoid(output.image_logit).numpy()
+        head = cpu_numpy(torch.sigmoid(output.image_logit.float()))
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())
         parts["image_scores"].append(0.5 * (head + maps.reshape(len(maps), -1).max(1)))
@@ -145,7 +155,8 @@ def fit_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
     """One site's local MSVT training for a round (see :func:`train_local`)."""
     return train_local(model, samples, image_size=cfg.image_size, epochs=cfg.local_epochs,
                        batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                       max_batches=cfg.max_train_batches, extra_loss=extra_loss)
+                       max_batches=cfg.max_train_batches, extra_loss=extra_loss,
+                       precision=cfg.precision)
 
 
 def predict_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig,
@@ -154,7 +165,7 @@ def predict_msvt(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentCon
     size."""
     sigma = cfg.section(MapSettings).sigma("msvt", cfg.image_size)
     return predict(model, samples, cfg.image_size, sigma, defect_types=defect_types,
-                   batch_size=max(cfg.batch_size, 16))
+                   batch_size=max(cfg.batch_size, 16), precision=cfg.precision)
 
 
 MSVT_RECIPE = ModelRecipe(build=build_msvt, fit=fit_msvt, predict=predict_msvt)

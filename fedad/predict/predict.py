@@ -88,9 +88,11 @@ def predict_images(scorer: Scorer, paths: Sequence[Path], out: str | Path,
     with tqdm(total=len(paths), unit="image", desc="fedad predict", disable=not progress,
               leave=False) as bar:
         for batch in read_batches(paths, scorer.image_size, batch_size, skipped):
-            raw, raw_maps = scorer.raw(batch.images)
+            images = batch.images.to(scorer.device)
+            raw, raw_maps = scorer.raw(images)
             scores, maps = scorer.calibrate(raw, raw_maps)
-            types = scorer.defect_types(batch.images)
+            types = scorer.defect_types(images)
+            raw, scores, maps = raw.cpu(), scores.cpu(), maps.cpu()
             names = [output_name(len(rows) + i, p) for i, p in enumerate(batch.paths)]
             for i, path in enumerate(batch.paths):
                 anomalous = float(scores[i]) >= thresholds.image

@@ -14,8 +14,9 @@ import torch
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import Sample
+from fedad.device import device_of
 from fedad.experiment import resolve_root
-from fedad.predict.scorers import SCORERS, Scorer
+from fedad.predict.scorers import SCORERS, Scorer, build_scorer
 from fedad.thresholds import THRESHOLDS_FILE
 from partitions import partition_samples, read_manifest
 from partitions.manifest import TEST_PARTITION
@@ -88,11 +89,18 @@ def open_run(results_dir: str | Path, server_round: int | None = None) -> Run:
     return Run(root, cfg, int(checkpoint["round"]), checkpoint)
 
 
-def load_scorer(run: Run) -> Scorer:
-    """The scorer of ``run``'s global model (eval mode); RunError naming the checkpoint when
-    its state does not fit the config's model."""
+def load_scorer(run: Run, device: str | None = None) -> Scorer:
+    """The scorer of ``run``'s global model (eval mode) on ``device`` (None: the run's own
+    ``device`` setting, resolved on this machine); RunError in one line when this machine
+    lacks that device, or naming the checkpoint when its state does not fit the config's
+    model."""
     try:
-        return SCORERS[run.cfg.method](run.cfg, run.checkpoint).eval()
+        cfg = run.cfg if device is None else run.cfg.replace(device=device)
+        device_of(cfg)
+    except ConfigError as err:
+        raise RunError(str(err)) from None
+    try:
+        return build_scorer(cfg, run.checkpoint)
     except (KeyError, ValueError) as err:
         raise RunError(f"{run.root / 'checkpoints'} round {run.round}: the checkpoint does not "
                        f"fit method={run.cfg.method!r} ({err})") from None

@@ -6,7 +6,9 @@ A scorer is a torch module from pixels to scores, smoothing included
 (:class:`~fedad.predict.smoothing.GaussianSmoothing`), so that ``fedad predict`` and
 ``fedad export`` run the same graph. :meth:`Scorer.raw` gives the uncalibrated scores and maps
 (what the run's metrics rank), :meth:`Scorer.forward` the calibrated ones. :data:`SCORERS`
-builds one per method from the run's config and checkpoint state; a new method adds one entry.
+builds one per method from the run's config and checkpoint state; a new method adds one entry;
+:func:`build_scorer` puts it on the run's device (``device``), where its callers move their
+image batches (:attr:`Scorer.device`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedad.config import ExperimentConfig
+from fedad.device import device_of, model_device
 from fedad.heads.base import FeatureHead, check_features
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, extractor_for, head_for, head_settings
@@ -70,6 +73,11 @@ class Scorer(nn.Module, ABC):
         """The predicted defect type of each image [B, 3, S, S], or None for a method that
         predicts none."""
         return None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the scorer computes: image batches go there, its outputs come back from it."""
+        return model_device(self)
 
     def exported(self) -> Scorer:
         """The scorer that export traces (this one; see :meth:`HeadScorer.exported`)."""
@@ -303,6 +311,12 @@ SCORERS: dict[str, Callable[[ExperimentConfig, Checkpoint], Scorer]] = {
     **dict.fromkeys(HEADS, head_scorer),
 }
 """The scorer builder of each method: (run config, round checkpoint) -> :class:`Scorer`."""
+
+
+def build_scorer(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Scorer:
+    """``cfg.method``'s scorer of ``checkpoint`` (:data:`SCORERS`), in eval mode, on the run's
+    device on this machine (:func:`fedad.device.device_of`: ConfigError when it lacks it)."""
+    return SCORERS[cfg.method](cfg, checkpoint).to(device_of(cfg)).eval()
 
 SCORER_STRATEGY: dict[str, tuple[str, ...]] = dict.fromkeys(HEADS, ("scale", "kind", "count"))
 """The entries of a checkpoint's workflow state (``strategy``) that a method's builder reads

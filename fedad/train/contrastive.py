@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedad.data import AnomalyDataset, Sample
+from fedad.device import model_device, to_device
 
 
 def info_nce(
@@ -92,12 +93,15 @@ def normal_prototype(embeddings: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def embed(model: torch.nn.Module, samples: Sequence[Sample], image_size: int,
           batch_size: int = 16) -> torch.Tensor:
-    """``model``'s embeddings [N, D] of ``samples`` (eval mode, no augmentation)."""
+    """``model``'s embeddings [N, D] of ``samples`` (eval mode, no augmentation), computed on
+    the model's device, returned on the CPU."""
     if not samples:
         raise ValueError("embed: no samples")
     was_training = model.training
     model.eval()
+    device = model_device(model)
     loader = DataLoader(AnomalyDataset(samples, image_size), batch_size=batch_size)
-    out = torch.cat([model(batch["image"]).embedding for batch in loader])
+    out = torch.cat([model(to_device(batch["image"], device)).embedding.cpu()
+                     for batch in loader])
     model.train(was_training)
     return out

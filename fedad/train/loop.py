@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedad.data import AnomalyDataset, Sample
+from fedad.device import autocast
 from fedad.task import ExtraLoss
 
 Batch = TypeVar("Batch")
@@ -44,36 +45,45 @@ def train_loop(step: Step, epochs: Iterable[Iterable[Batch]], optimizer: torch.o
                extra_loss: ExtraLoss | None = None,
                lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
                after_step: AfterStep | None = None, clip_norm: float | None = 1.0,
-               name: str = "train") -> dict[str, float]:
+               precision: str = "32", name: str = "train") -> dict[str, float]:
     """For each epoch (an iterable of batches, iterated once), for each batch: ``step``'s loss
     (+ ``extra_loss(output, labels)``), a check that it is finite, backward, gradient clipping
     of ``params`` at ``clip_norm``, optimizer step, then ``lr_schedule.step()`` and
-    ``after_step``.
+    ``after_step``. ``step`` moves its batch to the model's device
+    (:func:`fedad.device.to_device`).
 
     Args:
         max_batches: stop each epoch after this many batches (0: no limit), for tiny CI runs.
         clip_norm: gradient-norm bound (None: no clipping).
+        precision: ``step`` and ``extra_loss`` run under :func:`fedad.device.autocast` on the
+            device of ``params``; ``16-mixed`` scales the loss (torch's GradScaler) and skips
+            a step whose gradients overflow.
         name: named in the FloatingPointError raised on a non-finite loss.
     Returns:
         the last epoch's mean of every loss term, as ``train_<term>``.
     """
+    device = params[0].device if params else torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     totals: dict[str, float] = {}
     steps = 0
     for batches in epochs:
         totals, steps = {}, 0
         for batch in batches:
-            output, labels, losses = step(batch)
-            if extra_loss is not None:
-                losses["extra_loss"] = extra_loss(output, labels)
-                losses["loss"] = losses["loss"] + losses["extra_loss"]
+            with autocast(device, precision):
+                output, labels, losses = step(batch)
+                if extra_loss is not None:
+                    losses["extra_loss"] = extra_loss(output, labels)
+                    losses["loss"] = losses["loss"] + losses["extra_loss"]
             if not torch.isfinite(losses["loss"]):
                 raise FloatingPointError(f"{name}: non-finite loss {losses['loss'].item()} at "
                                          f"step {steps + 1}")
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            scaler.scale(losses["loss"]).backward()
             if clip_norm is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(params, clip_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if lr_schedule is not None:
                 lr_schedule.step()
             for key, value in losses.items():
