@@ -61,7 +61,7 @@ def _simulate(args: argparse.Namespace) -> int:
         run_config = resume_run_config(args.resume_from, args.run_config)
     run = run_simulation(
         args.app, num_supernodes=args.num_supernodes, run_config=run_config,
-        flwr_home=flwr_home, echo=True,
+        flwr_home=flwr_home, gpus_per_client=args.num_gpus, echo=True,
     )
     print(f"fedad: run {run.run_id} {run.status} in {run.seconds:.0f} s")
     results = re.search(r"results: (\S+)", run.log)
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--app", default=str(PROJECT_ROOT))
     sim.add_argument("--num-supernodes", type=int, default=4)
     sim.add_argument("--run-config", default="", help="e.g. \"num-server-rounds=3 lr=0.001\"")
+    sim.add_argument("--num-gpus", type=float, default=0.0,
+                     help="GPU share each simulated site reserves (client-resources-num-gpus; "
+                          "0.25: four sites at a time per GPU; 0: none)")
     sim.add_argument("--flwr-home", default="")
     sim.add_argument("--resume-from", default="",
                      help="continue an interrupted run from its results folder (same config)")

@@ -67,6 +67,20 @@ def flwr_executable() -> str:
     return found
 
 
+def federation_config(num_supernodes: int, cpus_per_client: int = 1,
+                      gpus_per_client: float = 0.0) -> str:
+    """The ``--federation-config`` text of a local simulation: ``num_supernodes`` sites, each
+    ClientApp reserving ``cpus_per_client`` cores (its torch threads: fedad.device) and
+    ``gpus_per_client`` of a GPU (fractional: 0.25 lets four sites share one GPU at a time;
+    0 reserves none). ValueError for a count out of range."""
+    if num_supernodes < 1 or cpus_per_client < 1 or not gpus_per_client >= 0:
+        raise ValueError(f"num-supernodes={num_supernodes}, client-resources-num-cpus="
+                         f"{cpus_per_client}, client-resources-num-gpus={gpus_per_client}: "
+                         "need >= 1, >= 1 and >= 0")
+    text = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    return text + (f" client-resources-num-gpus={gpus_per_client:g}" if gpus_per_client else "")
+
+
 def run_simulation(
     app_dir: str | Path,
     *,
@@ -74,6 +88,7 @@ def run_simulation(
     run_config: Mapping[str, Any] | str,
     flwr_home: str | Path,
     cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
     timeout: float = 3600.0,
     echo: bool = False,
 ) -> SimulationRun:
@@ -81,6 +96,8 @@ def run_simulation(
 
     Args:
         app_dir: the Flower App (this project's root).
+        cpus_per_client, gpus_per_client: each ClientApp's Ray resources
+            (:func:`federation_config`).
         run_config: run-config overrides (keys must exist in pyproject.toml), as a mapping or
             as the text `flwr run --run-config` takes.
         flwr_home: FLWR_HOME for this run (config, SuperLink state, logs).
@@ -91,8 +108,7 @@ def run_simulation(
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     command = [
         flwr_executable(), "run", str(app_dir),
-        "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        "--federation-config", federation_config(num_supernodes, cpus_per_client, gpus_per_client),
         "--stream",
     ]
     if run_config:

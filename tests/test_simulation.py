@@ -9,7 +9,7 @@ import pytest
 
 from fedad.data import generate_dataset
 from fedad.metrics import METRIC_NAMES
-from fedad.simulation import run_simulation, stop_local_superlink
+from fedad.simulation import federation_config, run_simulation, stop_local_superlink
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +84,12 @@ def test_three_client_fedmsvt_simulation_weighs_clients_and_aligns_features(tmp_
     assert (results / "plots" / "aggregation_weights.png").is_file()
     rounds = pd.read_csv(results / "rounds.csv")
     assert (rounds["train_extra_loss"] > 0).all()  # the InfoNCE term was trained with
+
+
+def test_federation_config_reserves_cpus_and_fractional_gpus_per_site():
+    assert federation_config(3, 2) == "num-supernodes=3 client-resources-num-cpus=2"
+    assert federation_config(4, 1, 0.25) == ("num-supernodes=4 client-resources-num-cpus=1 "
+                                             "client-resources-num-gpus=0.25")
+    for bad in ((0, 1, 0.0), (2, 0, 0.0), (2, 1, -0.5)):
+        with pytest.raises(ValueError, match="client-resources-num-gpus"):
+            federation_config(*bad)
