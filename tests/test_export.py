@@ -29,6 +29,9 @@ RUNS = {
     "msvt": {"method": "msvt", "backbone": "none"},
     "padim": {"method": "padim", "gaussian-grid": 4, "gaussian-channels": 8,
               "feature-scales": "1", "feature-padding": 0},
+    "mae": {"method": "mae", "mae-patch-size": 8, "mae-embed-dim": 32, "mae-depth": 1,
+            "mae-heads": 2, "mae-decoder-dim": 16, "mae-decoder-depth": 1,
+            "mae-decoder-heads": 2, "mae-pretrain-rounds": 1},
 }
 
 

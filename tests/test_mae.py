@@ -1,4 +1,5 @@
-"""MAE-DyT: block masking, visible-only encoding, SSIM against scikit-image, thresholds."""
+"""MAE-DyT: block masking, visible-only encoding, SSIM against scikit-image, thresholds; the
+anomaly map from complementary masked passes and the feature-space error."""
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,15 @@ from fedad.data import generate_dataset
 from fedad.experiment import prepare_data
 from fedad.inprocess import run_in_process
 from fedad.mae.model import MaskedAutoencoder, block_mask
+from fedad.mae.scoring import (
+    anomaly_error,
+    complementary_masks,
+    error_extractor,
+    feature_error,
+    inference_masks,
+    masked_reconstruction,
+)
+from fedad.mae.settings import MAESettings
 from fedad.mae.training import (
     MAE_RECIPE,
     map_sigma,
@@ -113,7 +123,10 @@ def test_fit_calibrates_thresholds_on_held_out_normals_and_predicts(tmp_path):
     metrics = MAE_RECIPE.fit(model, samples, cfg, seed=0, server_round=1)
     assert metrics["pretraining"] == 1.0 and "train_ssim" in metrics
     assert metrics["num-examples"] == len(train)
-    maps, scores, _ = reconstruction_errors(model, holdout, 64, map_sigma(cfg))
+    settings = cfg.section(MAESettings)
+    assert (settings.mae_inference_passes, settings.mae_error) == (4, "feature")  # defaults
+    maps, scores, _ = reconstruction_errors(model, holdout, 64, map_sigma(cfg), passes=4,
+                                            error="feature")
     assert float(model.pixel_threshold) == pytest.approx(np.quantile(maps, 0.99), rel=1e-5)
     assert float(model.image_threshold) == pytest.approx(np.quantile(scores, 0.99), rel=1e-5)
     finetune = MAE_RECIPE.fit(model, samples, cfg, seed=1, server_round=2)
@@ -130,6 +143,10 @@ def test_bad_settings_name_the_key():
     cfg = ExperimentConfig(method="mae", image_size=64, extra={"mae-norm": "batchnorm"})
     with pytest.raises(ConfigError, match="mae-norm"):
         MAE_RECIPE.build(cfg)
+    for key, value in (("mae-error", "ssim"), ("mae-inference-passes", 1),
+                       ("mae-inference-passes", -2)):
+        with pytest.raises(ConfigError, match=f"{key}={value!r}"):
+            ExperimentConfig(method="mae", extra={key: value}).section(MAESettings)
     cfg = ExperimentConfig(method="mae", image_size=64, extra={"mae-patch-size": 24})
     with pytest.raises(ValueError, match="mae-patch-size=24"):
         MAE_RECIPE.build(cfg)
@@ -148,3 +165,51 @@ def test_adaptive_aggregation_weighs_mae_sites_by_their_validation_accuracy(tmp_
     weights = pd.read_csv(tmp_path / "results" / "aggregation_weights.csv")
     assert len(weights) == 2 and weights["weight"].sum() == pytest.approx(1.0)
     assert final["train_pixel_threshold"] > 0
+
+
+@pytest.mark.parametrize("passes", [2, 4, 5])
+def test_complementary_masks_show_every_patch_in_exactly_one_pass(passes):
+    masks = complementary_masks(8, passes, seed=1)
+    assert masks.shape == (passes, 64) and masks.dtype == torch.bool
+    assert ((~masks).sum(0) == 1).all()  # visible once, hidden passes - 1 times
+    visible = (~masks).sum(1)
+    assert int(visible.max() - visible.min()) <= 1
+    assert torch.equal(masks, complementary_masks(8, passes, seed=1))
+    with pytest.raises(ValueError, match="mae-inference-passes=1"):
+        complementary_masks(8, 1)
+    assert inference_masks(8, 0) is None
+
+
+def test_masked_passes_rebuild_each_patch_from_its_context_only():
+    torch.manual_seed(0)
+    model = tiny_mae().eval()
+    images = torch.rand(1, 3, 64, 64)
+    changed = images.clone()
+    changed[:, :, 16:24, 24:32] = 1.0  # one whole patch, (2, 3)
+    with torch.no_grad():
+        masks = inference_masks(8, 4)
+        masked = [masked_reconstruction(model, x, masks) for x in (images, changed)]
+        unmasked = [masked_reconstruction(model, x, None) for x in (images, changed)]
+    patch = (slice(None), slice(None), slice(16, 24), slice(24, 32))
+    torch.testing.assert_close(masked[0][patch], masked[1][patch], rtol=0, atol=1e-6)
+    assert not torch.allclose(masked[0], masked[1])  # it is context for the other patches
+    assert not torch.allclose(unmasked[0][patch], unmasked[1][patch])  # the seed's pass copies
+    with pytest.raises(ValueError, match="hiding as many patches in every row"):
+        model(images.repeat(2, 1, 1, 1), mask=torch.tensor([[True] * 64, [False] * 64]))
+
+
+def test_feature_error_is_zero_for_a_faithful_copy_and_peaks_at_a_local_change():
+    extractor = error_extractor("feature")
+    assert error_extractor("pixel") is None
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = feature_error(extractor, images, images.clone())
+        rebuilt = images.clone()
+        rebuilt[:, :, 40:52, 8:20] = 0.5  # a grey square where the image had texture
+        error = feature_error(extractor, images, rebuilt)
+    assert same.shape == (2, 64, 64) and same.abs().max() < 1e-4
+    assert error[:, 40:52, 8:20].mean() > 3 * error[:, :24, 36:].mean()
+    model = tiny_mae().eval()
+    with torch.no_grad():
+        maps = anomaly_error(model, images, inference_masks(8, 4), extractor)
+    assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all() and (maps >= -1e-6).all()

@@ -2,9 +2,10 @@
 
 A ViT encoder sees only the visible patches (fixed 2D sine-cosine position embeddings); a
 lighter decoder (asymmetric depths) fills the masked positions with a learned mask token and
-reconstructs every patch. Block masking hides ``mask_ratio`` of the patches in training only:
-in eval mode the encoder sees the full image, and the reconstruction error is the anomaly
-signal. ``norm="dyt"`` puts :class:`fedad.models.dyt.DyT` in place of every LayerNorm.
+reconstructs every patch. Block masking hides ``mask_ratio`` of the patches in training; in
+eval mode the encoder sees the full image unless a mask is given (fedad.mae.scoring's
+inference masking), and the reconstruction error is the anomaly signal. ``norm="dyt"`` puts
+:class:`fedad.models.dyt.DyT` in place of every LayerNorm.
 
 The model also carries its decision thresholds (buffers ``pixel_threshold`` and
 ``image_threshold``) so that federated averaging averages them with the weights.
@@ -152,20 +153,25 @@ class MaskedAutoencoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
-                ) -> MAEOutput:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                mask: torch.Tensor | None = None) -> MAEOutput:
         """images [B, 3, H, W] in [0, 1] -> :class:`MAEOutput`.
 
-        Training mode hides ``mask_ratio`` of the patches in blocks (drawn with ``generator``,
-        or torch's global generator); eval mode hides nothing.
+        ``mask`` (bool [B, N], True = hidden, the same count in every row) hides those
+        patches; without it, training mode hides ``mask_ratio`` of the patches in blocks
+        (drawn with ``generator``, or torch's global generator) and eval mode hides nothing.
         """
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"mae: expected [B, 3, {self.image_size}, {self.image_size}], "
                              f"got {tuple(images.shape)}")
         batch = len(images)
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.encoder_pos
-        ratio = self.mask_ratio if self.training else 0.0
-        mask = block_mask(batch, self.grid, ratio, generator).to(images.device)
+        if mask is None:
+            ratio = self.mask_ratio if self.training else 0.0
+            mask = block_mask(batch, self.grid, ratio, generator).to(images.device)
+        elif mask.shape != (batch, self.grid ** 2) or len(set(mask.sum(1).tolist())) > 1:
+            raise ValueError(f"mae: mask must be bool [{batch}, {self.grid ** 2}] hiding as many "
+                             f"patches in every row, got {tuple(mask.shape)}")
         visible = tokens[~mask].view(batch, -1, tokens.shape[-1])
         encoded = self.encoder(visible)  # [B, N_visible, D]
         decoded = self.mask_token.expand(batch, self.grid ** 2, -1).clone()

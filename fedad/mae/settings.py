@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedad.mae.scoring import ERRORS
 from fedad.models.dyt import NORM_LAYERS
 
 
@@ -37,11 +38,20 @@ class MAESettings:
     """Share of a site's normal images held out to set the thresholds."""
     mae_threshold_quantile: float = 0.99
     """Quantile of held-out normal errors the decision threshold is set at."""
+    mae_inference_passes: int = 4
+    """Complementary masked passes at inference, each patch rebuilt from context (0: the seed's)."""
+    mae_error: str = "feature"
+    """What the map measures: feature (Lite0 cosine distance) or pixel (the seed's)."""
 
     def __post_init__(self) -> None:
         if self.mae_norm not in NORM_LAYERS:
             raise ValueError(f"mae-norm={self.mae_norm!r}: expected one of "
                              f"{', '.join(NORM_LAYERS)}")
+        if self.mae_error not in ERRORS:
+            raise ValueError(f"mae-error={self.mae_error!r}: expected one of {', '.join(ERRORS)}")
+        if self.mae_inference_passes == 1 or self.mae_inference_passes < 0:
+            raise ValueError(f"mae-inference-passes={self.mae_inference_passes}: must be 0 or "
+                             ">= 2")
         if not 0.0 <= self.mae_mask_ratio < 1.0:
             raise ValueError(f"mae-mask-ratio={self.mae_mask_ratio}: must be in [0, 1)")
         if self.mae_pretrain_rounds < 0:

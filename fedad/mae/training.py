@@ -6,11 +6,14 @@ their normal images only. After local training each site sets the model's decisi
 (the seed's dynamic threshold) from normal images it held out of training, so FedAvg averages
 the thresholds with the weights.
 
-Anomaly map: per-pixel squared reconstruction error (mean over RGB) of the unmasked image,
-Gaussian-smoothed (:data:`fedad.models.anomaly_map.METHOD_MAP_SIGMA`); image score: the map's
-maximum. Both are mapped to [0, 1] by ``e / (e + t)``, which is 0.5 exactly at the calibrated
-threshold t (fedad's Predictions contract) and keeps the order of the raw errors (AUROC and
-AUPRO are unchanged).
+Anomaly map: the error between each image and its reconstruction (:mod:`fedad.mae.scoring`:
+by default the feature-space error of a reconstruction from complementary masked passes; the
+seed's squared pixel error of the unmasked image with ``mae-error=pixel``,
+``mae-inference-passes=0``), Gaussian-smoothed
+(:data:`fedad.models.anomaly_map.METHOD_MAP_SIGMA`); image score: the map's maximum. Both are
+mapped to [0, 1] by ``e / (e + t)``, which is 0.5 exactly at the calibrated threshold t
+(fedad's Predictions contract) and keeps the order of the raw errors (AUROC and AUPRO are
+unchanged).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fedad.config import ExperimentConfig
 from fedad.data import Sample
 from fedad.device import autocast, cpu_numpy, model_device, to_device
 from fedad.mae.model import MAEOutput
+from fedad.mae.scoring import anomaly_error, error_extractor, inference_masks
 from fedad.mae.settings import MAESettings
 from fedad.models import create_model
 from fedad.models.anomaly_map import MapSettings, smooth_maps
@@ -127,8 +131,7 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
                         precision=cfg.precision, name="mae")
     if not holdout:
         log.warning("mae: fewer than 2 normal images; thresholds calibrated on training images")
-    calibrate_thresholds(model, holdout or train, cfg.image_size, map_sigma(cfg),
-                         s.mae_threshold_quantile, cfg.precision)
+    calibrate_thresholds(model, holdout or train, cfg)
     result.update({
         "num-examples": len(train), "train_seconds": time.perf_counter() - start,
         "pixel_threshold": float(model.pixel_threshold), "pretraining": float(pretraining),
@@ -140,19 +143,22 @@ def fit_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConfig, 
 @torch.no_grad()
 def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_size: int,
                           sigma: float, defect_types: Sequence[str] | None = None,
-                          batch_size: int = 16, precision: str = "32"
+                          batch_size: int = 16, precision: str = "32", passes: int = 0,
+                          error: str = "pixel"
                           ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Raw anomaly maps (smoothed with ``sigma`` pixels) and image scores of the full
-    (unmasked) images, computed on the model's device under ``precision``'s autocast.
+    """Raw anomaly maps (smoothed with ``sigma`` pixels) and image scores, computed on the
+    model's device under ``precision``'s autocast: ``error`` between the images and their
+    reconstructions from ``passes`` complementary masked passes (:mod:`fedad.mae.scoring`).
 
     Returns:
-        maps [N, H, W] (smoothed squared error, mean over RGB), scores [N] (map maxima), and
-        the batches' ``labels``, ``defect_classes``, ``masks`` [N, H, W], ``images`` [N, H, W, 3].
+        maps [N, H, W] (smoothed error), scores [N] (map maxima), and the batches' ``labels``,
+        ``defect_classes``, ``masks`` [N, H, W], ``images`` [N, H, W, 3].
     """
     if not samples:
         raise ValueError("mae: no samples to reconstruct")
     model.eval()
     device = model_device(model)
+    extractor, masks = error_extractor(error), inference_masks(model.grid, passes)
     loader = make_loader(samples, image_size, batch_size, shuffle=False,
                          defect_types=defect_types)
     parts: dict[str, list[np.ndarray]] = {
@@ -161,9 +167,8 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
         images = batch["image"]
         on_device = to_device(images, device)
         with autocast(device, precision):
-            reconstruction = model(on_device).reconstruction
-        error = cpu_numpy(((reconstruction.float() - on_device) ** 2).mean(1))  # [B, H, W]
-        parts["maps"].append(smooth_maps(error, sigma))
+            errors = cpu_numpy(anomaly_error(model, on_device, masks, extractor).float())
+        parts["maps"].append(smooth_maps(errors, sigma))  # [B, H, W]
         parts["labels"].append(batch["label"].numpy())
         parts["defect_classes"].append(batch["defect_class"].numpy())
         parts["masks"].append(batch["mask"][:, 0].numpy())
@@ -175,12 +180,16 @@ def reconstruction_errors(model: nn.Module, samples: Sequence[Sample], image_siz
     return maps, maps.reshape(len(maps), -1).max(1), out
 
 
-def calibrate_thresholds(model: nn.Module, normal: Sequence[Sample], image_size: int,
-                         sigma: float, quantile: float, precision: str = "32") -> None:
-    """Set ``model.pixel_threshold`` / ``image_threshold`` to the ``quantile`` of the raw pixel
-    errors / image scores of ``normal`` images (which the model was not trained on)."""
-    maps, scores, _ = reconstruction_errors(model, normal, image_size, sigma,
-                                            precision=precision)
+def calibrate_thresholds(model: nn.Module, normal: Sequence[Sample], cfg: ExperimentConfig
+                         ) -> None:
+    """Set ``model.pixel_threshold`` / ``image_threshold`` to the ``mae-threshold-quantile`` of
+    the raw pixel errors / image scores of ``normal`` images (which the model was not trained
+    on)."""
+    s = cfg.section(MAESettings)
+    quantile = s.mae_threshold_quantile
+    maps, scores, _ = reconstruction_errors(model, normal, cfg.image_size, map_sigma(cfg),
+                                            precision=cfg.precision,
+                                            passes=s.mae_inference_passes, error=s.mae_error)
     model.pixel_threshold.fill_(max(float(np.quantile(maps, quantile)), 1e-12))
     model.image_threshold.fill_(max(float(np.quantile(scores, quantile)), 1e-12))
 
@@ -196,9 +205,11 @@ def predict_mae(model: nn.Module, samples: Sequence[Sample], cfg: ExperimentConf
                 defect_types: Sequence[str] | None = None) -> Predictions:
     """Predictions of the calibrated MAE on ``samples`` (maps and scores in [0, 1], 0.5 at the
     model's thresholds)."""
+    s = cfg.section(MAESettings)
     maps, scores, rest = reconstruction_errors(model, samples, cfg.image_size, map_sigma(cfg),
                                                defect_types, batch_size=max(cfg.batch_size, 16),
-                                               precision=cfg.precision)
+                                               precision=cfg.precision,
+                                               passes=s.mae_inference_passes, error=s.mae_error)
     return Predictions(
         maps=to_unit_interval(maps, float(model.pixel_threshold)),
         image_scores=to_unit_interval(scores, float(model.image_threshold)), **rest,

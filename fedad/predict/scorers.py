@@ -31,6 +31,8 @@ from fedad.heads.registry import HEADS, extractor_for, head_for, head_settings
 from fedad.heads.scoring import PATCHES_PER_CHUNK, STORAGE_DTYPE, ScoreScale
 from fedad.heads.whitening import Whitening, whiten
 from fedad.heads.workflow import restore_head
+from fedad.mae.scoring import anomaly_error, error_extractor, inference_masks
+from fedad.mae.settings import MAESettings
 from fedad.mae.training import map_sigma as mae_sigma
 from fedad.mae.training import to_unit_interval
 from fedad.models import load_trainable_state_dict
@@ -108,16 +110,19 @@ class MSVTScorer(Scorer):
 
 
 class MAEScorer(Scorer):
-    """MAE (:func:`fedad.mae.training.predict_mae`): smoothed squared reconstruction error
-    (mean over RGB), image score its maximum, both as e / (e + t) at the model's thresholds."""
+    """MAE (:func:`fedad.mae.training.predict_mae`): the smoothed error of the reconstruction
+    from ``passes`` masked passes under ``extractor`` (:func:`fedad.mae.scoring.anomaly_error`),
+    image score its maximum, both as e / (e + t) at the model's thresholds. The passes' masks
+    are a buffer (constants of an exported graph)."""
 
-    def __init__(self, model: nn.Module, image_size: int, sigma: float) -> None:
+    def __init__(self, model: nn.Module, image_size: int, sigma: float, passes: int,
+                 extractor: nn.Module | None) -> None:
         super().__init__(image_size, sigma)
-        self.model = model
+        self.model, self.extractor = model, extractor
+        self.register_buffer("masks", inference_masks(model.grid, passes), False)
 
     def raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        error = ((self.model(images).reconstruction - images) ** 2).mean(1)
-        maps = self.smooth(error)
+        maps = self.smooth(anomaly_error(self.model, images, self.masks, self.extractor))
         return _max(maps), maps
 
     def calibrate(self, scores: torch.Tensor, maps: torch.Tensor
@@ -281,7 +286,9 @@ def msvt_scorer(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Scorer:
 
 def mae_scorer(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Scorer:
     """The MAE scorer of a run (config and round checkpoint)."""
-    return MAEScorer(_model(cfg, checkpoint), cfg.image_size, mae_sigma(cfg))
+    s = cfg.section(MAESettings)
+    return MAEScorer(_model(cfg, checkpoint), cfg.image_size, mae_sigma(cfg),
+                     s.mae_inference_passes, error_extractor(s.mae_error))
 
 
 def detector_scorer(cfg: ExperimentConfig, checkpoint: Checkpoint) -> Scorer:
