@@ -132,14 +132,20 @@ def grid(base: list[str], vary: list[list[str]]) -> tuple[list[str], list[HeadSe
     return keys, points
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def split_arguments(description: str) -> argparse.ArgumentParser:
+    """A validation script's parser with its --out, --data-path and --categories."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-path", default="",
                         help="an MVTec AD-layout root; only its training images are read "
                              "(default: the built-in synthetic data)")
     parser.add_argument("--categories", nargs="+",
                         help="default: every category of the data")
+    return parser
+
+
+def main() -> None:
+    parser = split_arguments(__doc__.splitlines()[0])
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[128, 224])
     parser.add_argument("--vary", nargs="+", action="append", default=[],
                         metavar="KEY VALUE",

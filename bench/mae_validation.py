@@ -14,7 +14,6 @@ held-out images, so the comparison costs one training. Only training images are 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from heads_validation import validation_split
+from heads_validation import split_arguments, validation_split
 from sklearn.metrics import roc_auc_score
 
 from fedad.config import ExperimentConfig
@@ -83,12 +82,7 @@ def validate(cfg: ExperimentConfig, root: Path, rounds: int, passes: list[int],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data-path", default="",
-                        help="an MVTec AD-layout root; only its training images are read "
-                             "(default: the built-in synthetic data)")
-    parser.add_argument("--categories", nargs="+", help="default: every category of the data")
+    parser = split_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4,
                         help="rounds of local training (the federated default: 4)")
     parser.add_argument("--passes", nargs="+", type=int, default=[0, 4])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import TINY_METHODS, TINY_RUN
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import generate_dataset
@@ -26,13 +27,8 @@ from fedad.train.loop import train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"image-size": 32, "num-server-rounds": 1, "plot-every-round": False,
-        "val-fraction": 0.0, "local-epochs": 1, "max-train-batches": 1, "batch-size": 4}
-METHODS = {
-    "msvt": {"method": "msvt", "backbone": "none"},
-    "memorybank": {"method": "memorybank", "max-patches": 2000, "feature-scales": "1",
-                   "feature-padding": 0, "num-prototypes": 8, "bank-clustering": "kmeans"},
-}
+TINY = TINY_RUN
+METHODS = {m: TINY_METHODS[m] for m in ("msvt", "memorybank")}
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_runs import TINY_METHODS, TINY_RUN
 
 from fedad.cli import main
 from fedad.config import ExperimentConfig
@@ -23,16 +24,7 @@ from fedad.predict.scorers import FlowScores, MixtureScores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"image-size": 32, "num-server-rounds": 1, "plot-every-round": False,
-        "val-fraction": 0.0, "local-epochs": 1, "max-train-batches": 1, "batch-size": 4}
-RUNS = {
-    "msvt": {"method": "msvt", "backbone": "none"},
-    "padim": {"method": "padim", "gaussian-grid": 4, "gaussian-channels": 8,
-              "feature-scales": "1", "feature-padding": 0},
-    "mae": {"method": "mae", "mae-patch-size": 8, "mae-embed-dim": 32, "mae-depth": 1,
-            "mae-heads": 2, "mae-decoder-dim": 16, "mae-decoder-depth": 1,
-            "mae-decoder-heads": 2, "mae-pretrain-rounds": 1},
-}
+RUNS = {m: TINY_METHODS[m] for m in ("msvt", "padim", "mae")}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def runs(tmp_path_factory):
     for method, settings in RUNS.items():
         folders[method] = tmp_path_factory.mktemp(method)
         run_in_process(ExperimentConfig.from_run_config({
-            **TINY, **settings, "data-path": str(data), "category": "washer",
+            **TINY_RUN, **settings, "data-path": str(data), "category": "washer",
             "results-dir": str(folders[method])}), 2)
     return folders
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny_runs import TINY_METHODS, TINY_RUN
 
 from fedad.cli import main
 from fedad.config import ExperimentConfig
@@ -32,22 +33,8 @@ from fedad.predict.smoothing import GaussianSmoothing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"image-size": 32, "num-server-rounds": 1, "plot-every-round": False,
-        "val-fraction": 0.0, "local-epochs": 1, "max-train-batches": 1, "batch-size": 4}
-HEADS = {"max-patches": 2000, "feature-scales": "1", "feature-padding": 0}
-METHODS = {
-    "memorybank": {**HEADS, "method": "memorybank", "num-prototypes": 8,
-                   "bank-clustering": "kmeans"},
-    "gmm": {**HEADS, "method": "gmm", "gmm-components": 2, "gmm-covariance": "diag"},
-    "flow": {**HEADS, "method": "flow", "flow-blocks": 2, "flow-hidden": 32, "flow-epochs": 1},
-    "padim": {**HEADS, "method": "padim", "gaussian-grid": 4, "gaussian-channels": 8},
-    "msvt": {"method": "msvt", "backbone": "none"},
-    "mae": {"method": "mae", "mae-patch-size": 8, "mae-embed-dim": 32, "mae-depth": 1,
-            "mae-heads": 2, "mae-decoder-dim": 16, "mae-decoder-depth": 1,
-            "mae-decoder-heads": 2, "mae-pretrain-rounds": 1},
-    "dadda": {"method": "dadda", "dadda-synthesis": "dam-only", "dadda-dam-per-class": 1,
-              "dadda-localizer-channels": 8, "dam-quality-tries": 2},
-}
+TINY = TINY_RUN
+METHODS = TINY_METHODS
 HEAD_METHODS = {"memorybank", "gmm", "flow", "padim"}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from tiny_runs import TINY_METHODS, TINY_RUN
 
 from clients.base import SiteClient
 from fedad.config import ConfigError, ExperimentConfig
@@ -168,14 +169,8 @@ def test_threshold_fpr_must_lie_in_the_open_unit_interval(fpr):
 
 # --- runs --------------------------------------------------------------------------------
 
-TINY = {"image-size": 32, "num-server-rounds": 1, "plot-every-round": False,
-        "val-fraction": 0.3, "local-epochs": 1, "max-train-batches": 1, "batch-size": 4,
-        "threshold-fpr": 0.05}
-METHODS = {
-    "memorybank": {"method": "memorybank", "num-prototypes": 8, "bank-clustering": "kmeans",
-                   "max-patches": 2000, "feature-scales": "1", "feature-padding": 0},
-    "msvt": {"method": "msvt", "backbone": "none"},
-}
+TINY = {**TINY_RUN, "val-fraction": 0.3, "threshold-fpr": 0.05}
+METHODS = {m: TINY_METHODS[m] for m in ("memorybank", "msvt")}
 
 
 @pytest.fixture(scope="module")
