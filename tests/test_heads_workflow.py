@@ -138,7 +138,7 @@ def test_feature_scales_widen_the_statistics_that_cross(dataset, tmp_path):
                                                                     "feature-scales": "1,2"}), 2)
     moments = [r for r in crossings(results) if r["kind"] == "feature-moments"]
     assert moments and all(r["accepted"] for r in moments)
-    width = 2 * (16 + 24 + 112)  # two scales of Lite0's default levels 0, 1, 3
+    width = 2 * (16 + 24 + 112)  # two scales of Lite0's levels 0, 1, 3
     assert all(width in shape for r in moments for shape in r["shapes"].values()), moments
     with pytest.raises(ConfigError, match="feature-scales='1,x'"):
         head_settings(config(dataset, results, **{"feature-scales": "1,x"}))
