@@ -44,8 +44,7 @@ class FeatureHead(ABC):
     def rows(self, features: torch.Tensor) -> torch.Tensor:
         """Patch features [N, D] checked (:func:`check_features`), float32 on the head's
         device."""
-        features = check_features(features, self.dim)
-        return features if features.device == self.device else features.to(self.device)
+        return check_features(features, self.dim).to(self.device)  # no copy where it is
 
     def tensor(self, array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A payload's numpy ``array`` as a ``dtype`` tensor on the head's device."""

@@ -14,7 +14,6 @@ import torch
 
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import Sample
-from fedad.device import device_of
 from fedad.experiment import resolve_root
 from fedad.predict.scorers import SCORERS, Scorer, build_scorer
 from fedad.thresholds import THRESHOLDS_FILE
@@ -95,12 +94,10 @@ def load_scorer(run: Run, device: str | None = None) -> Scorer:
     lacks that device, or naming the checkpoint when its state does not fit the config's
     model."""
     try:
-        cfg = run.cfg if device is None else run.cfg.replace(device=device)
-        device_of(cfg)
-    except ConfigError as err:
+        return build_scorer(run.cfg if device is None else run.cfg.replace(device=device),
+                            run.checkpoint)
+    except ConfigError as err:  # the device (a ValueError too, caught first)
         raise RunError(str(err)) from None
-    try:
-        return build_scorer(cfg, run.checkpoint)
     except (KeyError, ValueError) as err:
         raise RunError(f"{run.root / 'checkpoints'} round {run.round}: the checkpoint does not "
                        f"fit method={run.cfg.method!r} ({err})") from None
