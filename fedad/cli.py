@@ -155,7 +155,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         run = open_run(args.results_dir, args.round)
         path, difference, checked = export_and_check(run, args.format, args.out,
-                                                     args.batch_size, args.check_images)
+                                                     args.check_images)
     except (RunError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -362,7 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the file to write")
     export.add_argument("--round", type=int, default=None,
                         help="the round's global model (default: the last)")
-    export.add_argument("--batch-size", type=int, default=1, help="the graph's fixed batch")
     export.add_argument("--check-images", type=int, default=None,
                         help="test images the check runs (default: all)")
     export.set_defaults(func=_export)

@@ -4,10 +4,11 @@ with the preprocessing and the decision thresholds in its metadata, and the chec
 runtime's outputs match torch's on the run's test images.
 
 Feature heads export whole: the backbone, the whitening and the head's prototypes / Gaussians
-/ flow as constant tensors, the map baseline and the calibration. The graph is traced at a
-fixed batch size (``batch_size`` in the metadata). Metadata: ONNX ``metadata_props``,
-OpenVINO ``rt_info`` under ``fedad``, and for TorchScript a sidecar ``FILE.json`` (also
-inside the archive as ``extra/metadata.json``).
+/ flow as constant tensors, the map baseline and the calibration. The graph is traced on one
+image with its batch axis left free: the file scores any number of images per call (the check
+runs batches of :data:`CHECK_BATCH` and a smaller last one). Metadata: ONNX
+``metadata_props``, OpenVINO ``rt_info`` under ``fedad``, and for TorchScript a sidecar
+``FILE.json`` (also inside the archive as ``extra/metadata.json``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ FORMATS = ("onnx", "torchscript", "openvino")
 INPUT, OUTPUTS = "image", ("score", "map")
 TOLERANCE = 1e-4
 """Largest |runtime - torch| difference of any score or map value the check accepts."""
+CHECK_BATCH = 3
+"""Images per runtime call in the check: not the traced one, so the check runs the free batch
+axis."""
+BATCH = "batch"
+"""The name of the free batch axis of the input and of both outputs."""
 OPSET = 17
 
 
@@ -38,7 +44,7 @@ class ExportError(ValueError):
     """An export that cannot be written or fails its check; one line naming the file."""
 
 
-def metadata(run: Run, scorer: Scorer, batch_size: int) -> dict[str, str]:
+def metadata(run: Run, scorer: Scorer) -> dict[str, str]:
     """What a runtime needs besides the graph: the input's preprocessing, the outputs'
     meaning, the decision thresholds and where the model comes from."""
     size = scorer.image_size
@@ -46,24 +52,22 @@ def metadata(run: Run, scorer: Scorer, batch_size: int) -> dict[str, str]:
     return {
         "fedad_version": version("fedad"), "method": run.cfg.method,
         "results_dir": str(run.root), "round": str(run.round),
-        "input": f"{INPUT}: float32 [{batch_size}, 3, {size}, {size}], RGB, NCHW",
+        "input": f"{INPUT}: float32 [{BATCH}, 3, {size}, {size}], RGB, NCHW",
         "preprocessing": f"decode to RGB (grey and RGBA converted), resize to {size} x {size} "
                          "(PIL bilinear, antialiased), divide by 255",
-        "image_size": str(size), "batch_size": str(batch_size), "value_range": "0,1",
+        "image_size": str(size), "batch": "any (the first axis is free)", "value_range": "0,1",
         "normalisation": "none outside the graph (a backbone's mean/std is applied inside)",
-        "outputs": f"{OUTPUTS[0]}: float32 [{batch_size}] in [0, 1]; {OUTPUTS[1]}: float32 "
-                   f"[{batch_size}, {size}, {size}] in [0, 1]",
+        "outputs": f"{OUTPUTS[0]}: float32 [{BATCH}] in [0, 1]; {OUTPUTS[1]}: float32 "
+                   f"[{BATCH}, {size}, {size}] in [0, 1]",
         "image_threshold": f"{thresholds.image:g}", "pixel_threshold": f"{thresholds.pixel:g}",
         "decision": "anomalous when score >= image_threshold; a pixel when map >= "
                     "pixel_threshold",
     }
 
 
-def example_batch(scorer: Scorer, batch_size: int) -> torch.Tensor:
-    """A grey batch [batch_size, 3, S, S] to trace ``scorer`` on."""
-    if batch_size < 1:
-        raise ExportError(f"--batch-size={batch_size}: must be >= 1")
-    return torch.full((batch_size, 3, scorer.image_size, scorer.image_size), 0.5)
+def example_batch(scorer: Scorer) -> torch.Tensor:
+    """A grey image [1, 3, S, S] to trace ``scorer`` on."""
+    return torch.full((1, 3, scorer.image_size, scorer.image_size), 0.5)
 
 
 def trace(scorer: Scorer, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -83,7 +87,8 @@ def _write_onnx(traced: torch.jit.ScriptModule, example: torch.Tensor, out: Path
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
         warnings.filterwarnings("ignore", "no signature found", UserWarning)
         torch.onnx.export(traced, (example,), str(out), dynamo=False, input_names=[INPUT],
-                          output_names=list(OUTPUTS), opset_version=OPSET)
+                          output_names=list(OUTPUTS), opset_version=OPSET,
+                          dynamic_axes={name: {0: BATCH} for name in (INPUT, *OUTPUTS)})
     model = onnx.load(str(out))
     for key, value in meta.items():
         model.metadata_props.add(key=key, value=value)
@@ -105,11 +110,9 @@ def _write_openvino(traced: torch.jit.ScriptModule, example: torch.Tensor, out: 
     ov.save_model(model, str(out), compress_to_fp16=False)  # keep float32 weights
 
 
-def export_scorer(scorer: Scorer, fmt: str, out: str | Path, meta: dict[str, str],
-                  batch_size: int = 1) -> Path:
-    """Write ``scorer`` as ``fmt`` (one of :data:`FORMATS`) to ``out``, traced at
-    ``batch_size``, with ``meta`` (:func:`metadata`); returns the file. ExportError naming the
-    format."""
+def export_scorer(scorer: Scorer, fmt: str, out: str | Path, meta: dict[str, str]) -> Path:
+    """Write ``scorer`` as ``fmt`` (one of :data:`FORMATS`) to ``out``, its batch axis free,
+    with ``meta`` (:func:`metadata`); returns the file. ExportError naming the format."""
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out).expanduser().resolve()
@@ -117,7 +120,7 @@ def export_scorer(scorer: Scorer, fmt: str, out: str | Path, meta: dict[str, str
         raise ExportError(f"--out={str(out)!r}: an OpenVINO model is an .xml file (with its "
                           ".bin beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = example_batch(scorer, batch_size)
+    example = example_batch(scorer)
     traced = trace(scorer, example)
     if fmt == "onnx":
         _write_onnx(traced, example, out, meta)
@@ -156,20 +159,19 @@ def runtime(path: str | Path, fmt: str) -> Callable[[np.ndarray], tuple[np.ndarr
 
 
 @torch.no_grad()
-def check_export(path: str | Path, fmt: str, scorer: Scorer, samples: Sequence[Sample],
-                 batch_size: int = 1) -> float:
-    """The largest |runtime - torch| difference over the scores and maps of ``samples``
-    (the last batch padded with its last image), between the exported file and
-    ``scorer.exported()``; ExportError naming the file when above :data:`TOLERANCE`."""
+def check_export(path: str | Path, fmt: str, scorer: Scorer, samples: Sequence[Sample]
+                 ) -> float:
+    """The largest |runtime - torch| difference over the scores and maps of ``samples`` (in
+    batches of :data:`CHECK_BATCH`), between the exported file and ``scorer.exported()``;
+    ExportError naming the file when above :data:`TOLERANCE`."""
     if not samples:
         raise ExportError(f"{path}: no images to check the export on")
     run_file, reference = runtime(path, fmt), scorer.exported()
     images = np.stack([read_image(s.image_path, scorer.image_size)[0] for s in samples])
     images = images.transpose(0, 3, 1, 2)
     worst = 0.0
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
+    for start in range(0, len(images), CHECK_BATCH):
+        batch = images[start:start + CHECK_BATCH]
         expected = reference(torch.from_numpy(np.ascontiguousarray(batch)))
         for got, want in zip(run_file(np.ascontiguousarray(batch)), expected, strict=True):
             worst = max(worst, float(np.abs(got - want.numpy()).max()))
@@ -179,13 +181,13 @@ def check_export(path: str | Path, fmt: str, scorer: Scorer, samples: Sequence[S
     return worst
 
 
-def export_and_check(run: Run, fmt: str, out: str | Path, batch_size: int = 1,
-                     limit: int | None = None) -> tuple[Path, float, int]:
+def export_and_check(run: Run, fmt: str, out: str | Path, limit: int | None = None
+                     ) -> tuple[Path, float, int]:
     """Export ``run``'s scorer (:func:`export_scorer`), then :func:`check_export` it on the
     first ``limit`` (all when None) of the run's test images; (file, largest difference,
     images checked). The scorer is built on the CPU: the exported graph runs on the line's
     CPU runtimes, whatever device the run trained on."""
     scorer = load_scorer(run, device="cpu")
-    path = export_scorer(scorer, fmt, out, metadata(run, scorer, batch_size), batch_size)
+    path = export_scorer(scorer, fmt, out, metadata(run, scorer))
     samples = test_split(run)[:limit]
-    return path, check_export(path, fmt, scorer, samples, batch_size), len(samples)
+    return path, check_export(path, fmt, scorer, samples), len(samples)

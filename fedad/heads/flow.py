@@ -59,7 +59,7 @@ class PatchFlow(nn.Module):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) [N] of features x [N, D]."""
         z = (x - self.mean) / self.std
-        log_det = -torch.log(self.std).sum().expand(len(x))
+        log_det = -torch.log(self.std).sum()  # [], broadcast to [N] by the couplings
         for i, coupling in enumerate(self.couplings):
             z, block_log_det = coupling(z[:, getattr(self, f"perm{i}")])
             log_det = log_det + block_log_det

@@ -60,6 +60,7 @@ class GaussianHead(FeatureHead):
         draw = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
         self.channels = draw[:settings.gaussian_channels].sort().values.to(self.device)
         self.cells = [cell.to(self.device) for cell in cells(grid, settings)]
+        self.cell_order = torch.argsort(torch.cat(self.cells))  # cells' columns -> positions
         self._scorer: tuple[Payload, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -118,10 +119,12 @@ class GaussianHead(FeatureHead):
         Gaussian of each row's cell."""
         means, roots = self._roots(head)
         x = self._by_position(features)
-        scores = torch.empty(x.shape[:2], dtype=torch.float64, device=x.device)
-        for cell, mean, root in zip(self.cells, means, roots, strict=True):
-            scores[:, cell] = ((x[:, cell].double() - mean) @ root).pow(2).sum(-1).sqrt()
-        return scores.flatten().float()
+        # each cell's distances side by side, put back in position order by one gather (an
+        # exported graph then scores any number of images, which writing into cells would not)
+        by_cell = torch.cat([((x[:, cell].double() - mean) @ root).pow(2).sum(-1).sqrt()
+                             for cell, mean, root in zip(self.cells, means, roots, strict=True)],
+                            dim=1)  # [n, h * w]
+        return by_cell[:, self.cell_order].reshape(-1).float()
 
     def _roots(self, head: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         """Means [K, C] and inverse Cholesky factors L^-T [K, C, C] (Sigma^-1 = L^-T L^-1) of

@@ -164,7 +164,7 @@ class MaskedAutoencoder(nn.Module):
         if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"mae: expected [B, 3, {self.image_size}, {self.image_size}], "
                              f"got {tuple(images.shape)}")
-        batch = len(images)
+        batch = images.shape[0]  # a traced size: an exported graph takes any batch
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.encoder_pos
         if mask is None:
             ratio = self.mask_ratio if self.training else 0.0
@@ -183,8 +183,8 @@ class MaskedAutoencoder(nn.Module):
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, N, p * p * 3] -> [B, 3, H, W]."""
         p, g = self.patch_size, self.grid
-        x = patches.view(len(patches), g, g, p, p, 3)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(len(patches), 3, g * p, g * p)
+        x = patches.view(patches.shape[0], g, g, p, p, 3)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(patches.shape[0], 3, g * p, g * p)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -56,7 +56,7 @@ def masked_reconstruction(model: nn.Module, images: torch.Tensor,
     total = torch.zeros_like(images)
     count = torch.zeros(1, 1, *images.shape[-2:], device=images.device)
     for mask in masks.to(images.device):
-        output = model(images, mask=mask.expand(len(images), -1))
+        output = model(images, mask=mask.expand(images.shape[0], -1))
         hidden = patch_mask_to_pixels(mask, model.grid, model.patch_size)  # [1, 1, H, W]
         total = total + output.reconstruction * hidden
         count = count + hidden
@@ -91,7 +91,7 @@ def feature_error(extractor: nn.Module, images: torch.Tensor, reconstruction: to
     of 1 - cosine similarity of the two images' features at each position, upsampled."""
     size = images.shape[-2:]
     levels = extractor(torch.cat([images, reconstruction]))
-    error = torch.zeros(len(images), *size, device=images.device)
+    error = images.new_zeros((images.shape[0], *size))
     for level in levels:
         original, rebuilt = level.float().chunk(2)
         distance = 1 - F.cosine_similarity(original, rebuilt, dim=1, eps=1e-6)  # [B, h, w]
