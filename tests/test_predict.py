@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 from tiny_runs import TINY_METHODS, TINY_RUN
 
 from fedad.cli import main
@@ -29,7 +30,6 @@ from fedad.predict import (
     run_thresholds,
 )
 from fedad.predict.run import test_split as run_test_split
-from fedad.predict.smoothing import GaussianSmoothing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,11 +90,17 @@ def test_the_head_scorer_calibrates_as_the_runs_score_scale(finished):
     np.testing.assert_allclose(got[1].numpy(), want[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("sigma, size", [(2.0, 32), (0.5, 16), (3.0, 8), (0.0, 8)])
-def test_torch_smoothing_equals_the_runs_smooth_maps(sigma, size):
-    maps = np.random.default_rng(0).random((3, size, size), dtype=np.float32) * 10
-    smoothed = GaussianSmoothing(sigma, size)(torch.from_numpy(maps)).numpy()
-    np.testing.assert_allclose(smoothed, smooth_maps(maps, sigma), atol=1e-5)
+@pytest.mark.parametrize("sigma, shape", [(2.0, (32, 32)), (0.5, (16, 16)), (3.0, (8, 8)),
+                                          (0.0, (8, 8)), (2.5, (12, 20))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_maps_smoothing_is_scipys_gaussian_filter(sigma, shape, dtype):
+    maps = (np.random.default_rng(0).random((3, *shape)) * 10 ** np.linspace(0, 4, 3)[:, None,
+                                                                                    None])
+    maps = maps.astype(dtype)
+    smoothed = smooth_maps(maps, sigma)
+    assert smoothed.dtype == dtype and smoothed.shape == maps.shape
+    want = np.stack([gaussian_filter(m, sigma) for m in maps]) if sigma else maps
+    np.testing.assert_allclose(smoothed, want, rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
 def test_inputs_are_files_folders_or_an_mvtec_category(dataset, tmp_path):

@@ -112,7 +112,7 @@ class FlowHead(FeatureHead):
 
     def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
         """Site: train the global flow further on local features (standardisation fixed)."""
-        flow = self._load(head)
+        flow = self.load_flow(head)
         return self._train(flow, self.rows(features))
 
     def refine(self, head: Payload, payloads: list[Payload]) -> Payload:
@@ -123,11 +123,11 @@ class FlowHead(FeatureHead):
 
     def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [N] of patch features [N, D] under the flow."""
-        flow = self._load(head).eval()
+        flow = self.load_flow(head).eval()
         with torch.no_grad():
             return -flow.log_prob(self.rows(features))
 
-    def _load(self, head: Payload) -> PatchFlow:
+    def load_flow(self, head: Payload) -> PatchFlow:
         """The flow of ``head`` on the head's device."""
         flow = self.new_flow()
         flow.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in head.arrays.items()})

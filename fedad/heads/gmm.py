@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
+from torch import nn
 
 from fedad.heads.base import FeatureHead, check_features
 from fedad.heads.clustering import kmeans
@@ -68,7 +69,7 @@ class GaussianMixtureHead(FeatureHead):
     def refine_local(self, head: Payload, features: torch.Tensor) -> Payload:
         """Site: E-step sufficient statistics under the global mixture."""
         x = self.rows(features).double()
-        resp = torch.softmax(_component_log_densities(head, x), dim=1)  # [N, K]
+        resp = torch.softmax(MixtureDensity(head).to(x.device).log_densities(x), dim=0).T
         stats = {"counts": resp.sum(0), "sums": resp.T @ x,
                  "outer": torch.einsum("nk,nd,ne->kde", resp, x, x)}
         return Payload(self.refine_kind, {k: v.cpu().numpy() for k, v in stats.items()},
@@ -88,8 +89,8 @@ class GaussianMixtureHead(FeatureHead):
 
     def patch_scores(self, head: Payload, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [N] of patch features [N, D] under the mixture."""
-        x = self.rows(features).double()
-        return -torch.logsumexp(_component_log_densities(head, x), dim=1).float()
+        x = self.rows(features)
+        return MixtureDensity(head).to(x.device)(x)
 
     def _restrict(self, covs: np.ndarray) -> np.ndarray:
         """Covariances [K, D, D] made symmetric, diagonal if configured, regularised."""
@@ -111,18 +112,34 @@ def _moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray
     return float(total), mean, cov
 
 
-def _component_log_densities(head: Payload, x: torch.Tensor) -> torch.Tensor:
-    """log (w_k N(x | mu_k, Sigma_k)) [N, K] for x [N, D] (float64, Cholesky, on x's
-    device)."""
-    weights, means, covariances = (torch.from_numpy(head.arrays[name]).to(x.device, torch.float64)
-                                   for name in ("weights", "means", "covariances"))
-    chol = torch.linalg.cholesky(covariances)
-    centred = (x[None] - means[:, None]).transpose(1, 2)  # [K, D, N]
-    z = torch.linalg.solve_triangular(chol, centred, upper=False)
-    log_det = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)  # [K]
-    dim = x.shape[1]
-    log_norm = -0.5 * (z.pow(2).sum(1) + dim * math.log(2 * math.pi) + log_det[:, None])
-    return (log_norm + torch.log(weights)[:, None]).T
+class MixtureDensity(nn.Module):
+    """Patch features x [N, D] -> -log sum_k w_k N(x | mu_k, Sigma_k) [N] of a ``mixture``
+    payload, in float64 with the inverse Cholesky factors precomputed: the one form that the
+    head, its E-step and the exported scorer share (ONNX has no triangular solve)."""
+
+    def __init__(self, head: Payload) -> None:
+        super().__init__()
+        arrays = {k: torch.from_numpy(np.asarray(v)).double() for k, v in head.arrays.items()}
+        chol = torch.linalg.cholesky(arrays["covariances"])  # [K, D, D]
+        eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        self.register_buffer("means", arrays["means"], False)  # [K, D]
+        self.register_buffer("roots", torch.linalg.solve_triangular(chol, eye, upper=False).mT,
+                             False)  # L^-T [K, D, D]
+        self.register_buffer("offsets", torch.log(arrays["weights"]) - 0.5 * (
+            log_det + chol.shape[-1] * math.log(2 * math.pi)), False)  # [K]
+
+    def log_densities(self, x: torch.Tensor) -> torch.Tensor:
+        """log (w_k N(x | mu_k, Sigma_k)) [K, N] of x [N, D] (float64)."""
+        z = (x.double()[None] - self.means[:, None]) @ self.roots  # [K, N, D]
+        return self.offsets[:, None] - 0.5 * z.pow(2).sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood [N] (float32) of x [N, D]."""
+        log_densities = self.log_densities(x)
+        # log-sum-exp spelt out: OpenVINO's ONNX ReduceLogSumExp loses the tensor's rank
+        top = log_densities.amax(0)
+        return -(top + (log_densities - top).exp().sum(0).log()).float()
 
 
 def _mixture(weights: np.ndarray, means: np.ndarray, covs: np.ndarray, count: int) -> Payload:

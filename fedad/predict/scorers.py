@@ -2,8 +2,8 @@
 [B], anomaly maps [B, S, S]), calibrated to [0, 1] as the run's
 :class:`~fedad.train.predictions.Predictions` are (0.5 is the method's decision threshold).
 
-A scorer is a torch module from pixels to scores, smoothing included
-(:class:`~fedad.predict.smoothing.GaussianSmoothing`), so that ``fedad predict`` and
+A scorer is a torch module from pixels to scores, smoothing included (the runs' own
+:class:`~fedad.models.anomaly_map.GaussianSmoothing`), so that ``fedad predict`` and
 ``fedad export`` run the same graph. :meth:`Scorer.raw` gives the uncalibrated scores and maps
 (what the run's metrics rank), :meth:`Scorer.forward` the calibrated ones. :data:`SCORERS`
 builds one per method from the run's config and checkpoint state; a new method adds one entry;
@@ -14,11 +14,9 @@ image batches (:attr:`Scorer.device`).
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +24,7 @@ from torch import nn
 from fedad.config import ExperimentConfig
 from fedad.device import device_of, model_device
 from fedad.heads.base import FeatureHead, check_features
+from fedad.heads.gmm import MixtureDensity
 from fedad.heads.payload import Payload
 from fedad.heads.registry import HEADS, extractor_for, head_for, head_settings
 from fedad.heads.scoring import PATCHES_PER_CHUNK, STORAGE_DTYPE, ScoreScale
@@ -36,8 +35,7 @@ from fedad.mae.settings import MAESettings
 from fedad.mae.training import map_sigma as mae_sigma
 from fedad.mae.training import to_unit_interval
 from fedad.models import load_trainable_state_dict
-from fedad.models.anomaly_map import MapSettings
-from fedad.predict.smoothing import GaussianSmoothing
+from fedad.models.anomaly_map import GaussianSmoothing, MapSettings
 from fedad.task import build_model
 
 Checkpoint = dict
@@ -168,14 +166,12 @@ class PatchScores(nn.Module):
 
 
 class FlowScores(PatchScores):
-    """A flow head's scores with its flow built once (the head builds a fresh seeded flow per
-    call, which a traced graph cannot hold)."""
+    """A flow head's scores with the head's flow loaded once, as a submodule (the head loads
+    it per call, which a traced graph cannot hold)."""
 
     def __init__(self, head: FeatureHead, payload: Payload, whitening: Whitening | None) -> None:
         super().__init__(head, payload, whitening)
-        self.flow = head.new_flow().eval().requires_grad_(False)
-        self.flow.load_state_dict({k: torch.from_numpy(np.array(v))
-                                   for k, v in payload.arrays.items()})
+        self.flow = head.load_flow(payload).eval().requires_grad_(False)
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [N] of whitened patch features [N, D] under the flow."""
@@ -183,29 +179,16 @@ class FlowScores(PatchScores):
 
 
 class MixtureScores(PatchScores):
-    """A mixture head's negative log-likelihood with the inverse Cholesky factors
-    precomputed (ONNX has no triangular solve): -log sum_k w_k N(x | mu_k, Sigma_k),
-    float64, as :meth:`fedad.heads.gmm.GaussianMixtureHead.patch_scores`."""
+    """A mixture head's negative log-likelihood by its
+    :class:`~fedad.heads.gmm.MixtureDensity`, built once as a submodule."""
 
     def __init__(self, head: FeatureHead, payload: Payload, whitening: Whitening | None) -> None:
         super().__init__(head, payload, whitening)
-        arrays = {k: torch.from_numpy(v).double() for k, v in payload.arrays.items()}
-        chol = torch.linalg.cholesky(arrays["covariances"])
-        eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol)
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        self.register_buffer("means", arrays["means"], False)  # [K, D]
-        self.register_buffer("roots", torch.linalg.solve_triangular(chol, eye, upper=False).mT,
-                             False)  # L^-T [K, D, D]
-        self.register_buffer("offsets", torch.log(arrays["weights"]) - 0.5 * (
-            log_det + chol.shape[-1] * math.log(2 * math.pi)), False)  # [K]
+        self.density = MixtureDensity(payload)
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood [N] of whitened patch features [N, D]."""
-        z = (features.double()[None] - self.means[:, None]) @ self.roots  # [K, N, D]
-        log_densities = self.offsets[:, None] - 0.5 * z.pow(2).sum(-1)  # [K, N]
-        # log-sum-exp spelt out: OpenVINO's ONNX ReduceLogSumExp loses the tensor's rank
-        top = log_densities.amax(0)
-        return -(top + (log_densities - top).exp().sum(0).log()).float()
+        return self.density(features)
 
 
 PATCH_SCORES: dict[str, type[PatchScores]] = {"flow": FlowScores, "gmm": MixtureScores}
