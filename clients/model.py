@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.base import SiteClient
 from fedad.attacks import AttackSettings, apply_attack
@@ -41,9 +41,13 @@ class ModelClient(SiteClient):
         metrics.update(self._statistics(model, config))
         log.info("partition %d round %d: %s", self.partition_id, server_round,
                  {k: v for k, v in metrics.items() if not isinstance(v, list)})
-        arrays = apply_attack(model_to_arrays(model), content["arrays"], self.partition_id,
+        arrays = apply_attack(self.reply_arrays(model), content["arrays"], self.partition_id,
                               self.cfg.section(AttackSettings))  # a no-op unless attack is set
         return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+    def reply_arrays(self, model: torch.nn.Module) -> ArrayRecord:
+        """The arrays a training reply carries: the model's trainable state."""
+        return model_to_arrays(model)
 
     def _extra_loss(self, model: torch.nn.Module, config: ConfigRecord) -> ExtraLoss | None:
         """FedProx's proximal term and CFA's InfoNCE term, as the round's config asks."""

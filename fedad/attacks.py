@@ -62,13 +62,15 @@ class AttackSettings:
 def apply_attack(trained: ArrayRecord, received: ArrayRecord, partition_id: int,
                  settings: AttackSettings) -> ArrayRecord:
     """The arrays a site replies: ``trained`` for an honest site, else
-    ``received + factor * (trained - received)`` array by array (same keys, shapes, dtypes;
+    ``received + factor * (trained - received)`` array by array (the keys of ``trained``, a
+    subset of ``received``'s where a site replies only what it trained; same shapes, dtypes;
     integer arrays such as BatchNorm counters are left as trained)."""
     if not settings.is_malicious(partition_id):
         return trained
-    if list(trained.keys()) != list(received.keys()):
-        raise ValueError(f"partition {partition_id}: trained and received arrays have different "
-                         "keys")
+    unknown = sorted(set(trained.keys()) - set(received.keys()))
+    if unknown:
+        raise ValueError(f"partition {partition_id}: trained arrays {unknown[:3]} were not "
+                         "received")
     out = {}
     for key in trained:
         new, old = trained[key].numpy(), received[key].numpy()

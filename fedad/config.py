@@ -35,6 +35,7 @@ SECTIONS: tuple[str, ...] = (
     "strategies.aca:ACASettings",
     "strategies.cfa:CFASettings",
     "fedad.mae.settings:MAESettings",
+    "fedad.nexvitad.settings:NexViTADSettings",
     "fedad.heads.settings:HeadSettings",
     "fedad.dadda.settings:DADDASettings",
     "fedad.dam.settings:DAMSettings",
@@ -58,7 +59,7 @@ class ExperimentConfig:
     """Everything one federated experiment needs, resolved and validated."""
 
     method: str = "msvt"
-    """Detector: msvt, mae, memorybank, gmm, flow, padim or dadda (README, Detectors)."""
+    """Detector: msvt, mae, memorybank, gmm, flow, padim, dadda or nexvitad (README, Detectors)."""
     strategy: str = "fedavg"
     """fedavg fedprox fedadam fedyogi fedavgm fedmedian fedtrimmedavg krum, or aca cfa fedmsvt."""
     base_strategy: str = "fedavg"
@@ -68,7 +69,7 @@ class ExperimentConfig:
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet partitioner."""
     num_server_rounds: int = 0
-    """Federated rounds; 0: the method's own (msvt, mae, dadda 4; the feature heads 1)."""
+    """Federated rounds; 0: the method's own (msvt, mae, dadda 4; nexvitad 3; the heads 1)."""
     local_epochs: int = 50
     """Local training epochs of a site per round."""
     batch_size: int = 8

@@ -17,7 +17,7 @@ from fedad.models import load_trainable_state_dict, trainable_state_dict
 from fedad.seeding import seed_everything
 from fedad.server_run import ServerRun
 from fedad.task import arrays_to_model, build_model, evaluate_model, model_to_arrays
-from strategies import build_strategy
+from strategies import GuardedStrategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,17 @@ RoundMetrics = Callable[[nn.Module], dict[str, float]]
 """(global model after a round) -> extra metrics for that round's row (D-ADDA's class accuracy)."""
 
 
-def train_global_model(run: ServerRun, round_metrics: RoundMetrics | None = None) -> None:
-    """``num-server-rounds`` rounds of the registry's strategy on ``run``; a resumed run
-    continues after its last checkpointed round."""
+def train_global_model(run: ServerRun, round_metrics: RoundMetrics | None = None,
+                       strategy: GuardedStrategy | None = None) -> None:
+    """``num-server-rounds`` rounds of the registry's strategy (or of ``strategy``, a guard
+    around it) on ``run``; a resumed run continues after its last checkpointed round."""
     cfg = run.cfg
     test_samples = run.test_samples()
     log.info("results: %s | clients: %d | test images: %d", run.root, len(run.nodes),
              len(test_samples))
     seed_everything(cfg.seed)  # the initial global model does not depend on earlier stages
     model = build_model(cfg)
-    strategy = build_strategy(cfg)
+    strategy = strategy or build_strategy(cfg)
     strategy.audit = run.audit
     done, state, strategy_state = run.resume_point()
     if done:

@@ -48,6 +48,10 @@ METHODS: dict[str, MethodEntry] = {
     "dadda": MethodEntry("fedad.dadda.workflow:run_dadda", "clients.dadda:DADDASite",
                          "fedad.dadda.detector:DADDA_RECIPE", "fedad.dadda.protocol:QUERY_ACTIONS"),
     "mae": MethodEntry(_MODEL_SERVER, _MODEL_CLIENT, "fedad.mae.training:MAE_RECIPE"),
+    "nexvitad": MethodEntry("fedad.nexvitad.workflow:run_nexvitad",
+                            "clients.nexvitad:NexViTADClient",
+                            "fedad.nexvitad.training:NEXVITAD_RECIPE",
+                            "fedad.nexvitad.protocol:QUERY_ACTIONS", rounds=3),
     **{head: MethodEntry("fedad.heads.workflow:run_feature_head",
                          "clients.feature_head:FeatureHeadClient",
                          actions="fedad.heads.protocol:QUERY_ACTIONS", rounds=1)

@@ -38,6 +38,18 @@ def test_mismatched_arrays_are_refused():
     trained = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))})
     with pytest.raises(ValueError, match="shape"):
         apply_attack(trained, received, 0, AttackSettings("scale", 2.0, "0"))
+    with pytest.raises(ValueError, match=r"trained arrays \['v'\] were not received"):
+        apply_attack(ArrayRecord({"v": Array(np.zeros(2, np.float32))}), received, 0,
+                     AttackSettings("scale", 2.0, "0"))
+
+
+def test_a_site_replying_part_of_the_model_is_attacked_on_that_part():
+    # NexViTAD's sites reply only the parameters they trained (a subset of the global model)
+    received, trained = _record(1.0, -2.0), _record(1.5, -1.0)
+    part = ArrayRecord({"b": trained["b"]})
+    sent = apply_attack(part, received, 0, AttackSettings("scale", 4.0, "0"))
+    assert list(sent.keys()) == ["b"]
+    np.testing.assert_allclose(sent["b"].numpy(), -2.0 + 4.0 * 1.0)
 
 
 @pytest.mark.parametrize(("key", "value"), [("attack", "flip"), ("attack-scale", -1.0),

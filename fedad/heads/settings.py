@@ -36,7 +36,7 @@ class HeadSettings(MapSettings):
     """Feature extraction, head and scoring settings (kebab-case run-config keys)."""
 
     feature_source: str = "lite0"
-    """Feature backbone: lite0, lite1, lite2, any timm name, or msvt."""
+    """Feature backbone: lite0, lite1, lite2, any timm name, msvt or nexvitad."""
     feature_layers: str = "0,1,3"
     """timm out_indices, Lite0 strides 2/4/16 (msvt: its stages; DINOv2: its blocks)."""
     feature_neighbourhood: int = 3
@@ -89,6 +89,8 @@ class HeadSettings(MapSettings):
     """Share of the map's pixels averaged by image-score=topk."""
     target_category: str = ""
     """by-category: evaluate on it, fit on the other categories only."""
+    target_normals: bool = False
+    """With target-category: fit on its own normal images instead (NexViTAD's bank)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -35,10 +35,12 @@ MEMORY_SHARE = 0.8
 def normal_patches(cfg: ExperimentConfig, partition_id: int, num_partitions: int,
                    role: str) -> PatchSet | None:
     """Patch features of the site's normal ``role`` images ("train" | "val"), without the
-    target category in a cross-domain run; None when the site has none (cached per process)."""
-    target = head_settings(cfg).target_category
+    target category in a cross-domain run (only it with ``target-normals``); None when the
+    site has none (cached per process)."""
+    settings = head_settings(cfg)
+    target, own = settings.target_category, settings.target_normals and settings.target_category
     samples = [s for s in prepare_data(cfg, num_partitions).samples(partition_id, role)
-               if s.label == 0 and s.category != target]
+               if s.label == 0 and (s.category == target if own else s.category != target)]
     if not samples:
         return None
     check_memory(cfg, partition_id, role, len(samples))

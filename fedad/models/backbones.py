@@ -25,6 +25,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import BatchNormAct2d
+from timm.models._features import FeatureGetterNet
 from timm.models.efficientnet import EfficientNetFeatures
 from torch import nn
 
@@ -319,7 +320,10 @@ def create_backbone(
     if isinstance(features, EfficientNetFeatures):  # timm runs all blocks: drop the unused tail
         last_block = int(features.feature_info.module_name()[-1].split(".")[1])
         features.blocks = features.blocks[: last_block + 1]
-    missing = features.load_state_dict(model.state_dict(), strict=False).missing_keys
+    state = model.state_dict()
+    if isinstance(features, FeatureGetterNet):  # timm wraps models without a features mode
+        state = OrderedDict((f"model.{k}", v) for k, v in state.items())  # (Hiera, ViTs)
+    missing = features.load_state_dict(state, strict=False).missing_keys
     if missing:
         raise BackboneError(f"backbone {name!r}: feature model lacks weights for {missing[:5]}")
     return FeatureBackbone(features)
