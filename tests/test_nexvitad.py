@@ -22,6 +22,7 @@ from fedad.nexvitad.model import Adapter, interleave, load_encoder
 from fedad.nexvitad.protocol import BANK_DIR, ENCODER_FILE
 from fedad.nexvitad.settings import NexViTADSettings
 from fedad.nexvitad.training import IGNORE, pseudo_labels, run_categories
+from fedad.predict import load_scorer, open_run
 from strategies import build_strategy
 
 TINY = {"nexvitad-dino": "none", "nexvitad-dino-size": 28, "nexvitad-decoder-channels": "8,8,8",
@@ -236,6 +237,15 @@ def test_the_trained_encoder_is_a_feature_source(tiny_run):
     with pytest.raises(BackboneError, match=r"^feature-source='nexvitad' needs"):
         build_extractor("nexvitad", layers=(0,), neighbourhood=3, image_size=64)
 
+
+def test_predict_on_a_nexvitad_run_scores_with_its_bank(tiny_run):
+    cfg, _ = tiny_run
+    run = open_run(cfg.resolved_results_dir())
+    assert run.cfg.method == "memorybank" and run.root.name == BANK_DIR
+    scorer = load_scorer(run, device="cpu")
+    scores, maps = scorer(torch.rand(2, 3, 64, 64))
+    assert scores.shape == (2,) and maps.shape == (2, 64, 64)
+    assert torch.isfinite(maps).all() and ((scores >= 0) & (scores <= 1)).all()
 
 
 @pytest.mark.parametrize("strategy", ["cfa", "fedmsvt"])
