@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import Sample
 from fedad.experiment import ExperimentData, prepare_data
-from fedad.payloads import AUDIT_FILE, AuditLog, audit_row
+from fedad.payloads import AUDIT_FILE, AuditLog, Query, audit_row, message_arrays
 from fedad.results import ResultsWriter, atomic_write
 from fedad.seeding import seed_everything
 from fedad.thresholds import SCALES, federated_thresholds
@@ -124,6 +124,27 @@ class ServerRun:
                     for node in (self.nodes if nodes is None else nodes)]
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
         return sorted(replies, key=lambda m: m.metadata.src_node_id)
+
+    def query_sites(self, query: Query, content: RecordDict, required: bool = True
+                    ) -> list[dict]:
+        """Send ``query`` to every site and audit the replies (their metrics only cross); the
+        replies' metrics by node. With ``required``, RuntimeError naming the nodes that failed
+        (they could not go on to the next stage); otherwise failed nodes are left out."""
+        rows, failed = [], []
+        for reply in self.broadcast(query.message, content):
+            node = reply.metadata.src_node_id
+            error = reply.error.reason if reply.has_error() else ""
+            self.audit.append(audit_row(server_round=0, node=node, kind=query.kind,
+                                        accepted=not error,
+                                        reason=error and f"site error: {error}",
+                                        arrays=message_arrays(reply)))
+            if error:
+                failed.append(f"node {node}: {error}")
+            else:
+                rows.append({"node": node, **dict(reply.content["metrics"])})
+        if failed and required:
+            raise RuntimeError(f"{query.message} failed on " + "; ".join(failed))
+        return rows
 
     def resume_point(self) -> tuple[int, dict[str, torch.Tensor], dict]:
         """(rounds done, global state dict, strategy state) of the last round checkpoint, with

@@ -33,7 +33,6 @@ from fedad.dadda.settings import DADDASettings
 from fedad.dadda.tables import class_accuracy_metrics, write_tables
 from fedad.device import device_of
 from fedad.federation import train_global_model
-from fedad.payloads import Query, audit_row, message_arrays
 from fedad.server_run import ServerRun
 from strategies.dadda import DADDAUploadStrategy
 from strategies.guard import GuardedStrategy
@@ -41,31 +40,10 @@ from strategies.guard import GuardedStrategy
 log = logging.getLogger(__name__)
 
 
-def _query(run: ServerRun, query: Query, content: RecordDict,
-           required: bool = True) -> list[dict]:
-    """Send ``query`` to every site and audit the replies (their metrics only cross); the
-    replies' metrics by node. With ``required``, RuntimeError naming the nodes that failed
-    (they could not go on to the next stage); otherwise failed nodes are left out."""
-    rows, failed = [], []
-    for reply in run.broadcast(query.message, content):
-        node = reply.metadata.src_node_id
-        error = reply.error.reason if reply.has_error() else ""
-        run.audit.append(audit_row(server_round=0, node=node, kind=query.kind,
-                                   accepted=not error, reason=error and f"site error: {error}",
-                                   arrays=message_arrays(reply)))
-        if error:
-            failed.append(f"node {node}: {error}")
-        else:
-            rows.append({"node": node, **dict(reply.content["metrics"])})
-    if failed and required:
-        raise RuntimeError(f"{query.message} failed on " + "; ".join(failed))
-    return rows
-
-
 def sites_hold_pairs(run: ServerRun) -> bool:
     """True when every site already holds synthetic pairs for the run's synthesis settings
     (a previous run that differed only in the detector or the federated stage)."""
-    rows = _query(run, CACHED, RecordDict(), required=False)
+    rows = run.query_sites(CACHED, RecordDict(), required=False)
     return len(rows) == len(run.nodes) and all(int(r["cached"]) == 1 for r in rows)
 
 
@@ -104,7 +82,7 @@ def generate_pairs(run: ServerRun, strategy: DADDAUploadStrategy | None,
     start = time.perf_counter()
     content = RecordDict()
     if strategy is None:
-        _query(run, UPLOAD, RecordDict({"config": ConfigRecord({SEND_UPLOAD: False})}))
+        run.query_sites(UPLOAD, RecordDict({"config": ConfigRecord({SEND_UPLOAD: False})}))
         seconds["stage1_dam"] = time.perf_counter() - start
     elif generators is not None:
         content[GENERATORS] = generators
@@ -116,7 +94,7 @@ def generate_pairs(run: ServerRun, strategy: DADDAUploadStrategy | None,
         seconds["stage2_generators"] = training
     start = time.perf_counter()
     content["config"] = ConfigRecord({PREVIEW_DIR: str(run.root)})
-    pd.DataFrame(_query(run, SYNTHESIZE, content)).to_csv(run.root / "synthesis.csv",
+    pd.DataFrame(run.query_sites(SYNTHESIZE, content)).to_csv(run.root / "synthesis.csv",
                                                           index=False)
     seconds["stage3_synthesis"] = time.perf_counter() - start
 

@@ -7,7 +7,8 @@ skeleton, in two stages:
    the site-specific heads over the sites that trained them. Every round's row holds the
    decoder's metrics on the whole test split and, as ``target_*``, on the target category's
    (the paper's "original decoder"). The trained encoder is written to
-   ``checkpoints/encoder.pt`` and sent to every site (:data:`fedad.nexvitad.protocol.ENCODER`).
+   ``checkpoints/encoder.pt`` and sent to every site (:data:`fedad.nexvitad.protocol.ENCODER`,
+   audited; a site that cannot keep it stops the run).
 2. Inference (§3.2): the decoder removed, the federated Sinkhorn K-means memory bank
    (:func:`fedad.heads.workflow.run_feature_head`) on the trained encoder's features, fitted on
    the target category's normal images at the site that holds them (prototypes and counts
@@ -35,7 +36,6 @@ from fedad.nexvitad.model import encoder_state, write_encoder
 from fedad.nexvitad.protocol import BANK_DIR, ENCODER, ENCODER_FILE, ENCODER_RECORD
 from fedad.nexvitad.stages import bank_config
 from fedad.nexvitad.training import build_nexvitad, predict_nexvitad, run_categories
-from fedad.payloads import audit_row, message_arrays
 from fedad.server_run import ServerRun
 from strategies import build_strategy
 from strategies.registry import FED_MSVT_STRATEGIES
@@ -56,22 +56,6 @@ def target_metrics(run: ServerRun, target: str) -> RoundMetrics:
     return metrics
 
 
-def share_encoder(run: ServerRun, arrays: ArrayRecord) -> None:
-    """Send the trained encoder to every site (audited); RuntimeError naming the sites that
-    could not keep it (they could not take part in the memory bank)."""
-    failed = []
-    for reply in run.broadcast(ENCODER.message, RecordDict({ENCODER_RECORD: arrays})):
-        node = reply.metadata.src_node_id
-        error = reply.error.reason if reply.has_error() else ""
-        run.audit.append(audit_row(server_round=0, node=node, kind=ENCODER.kind,
-                                   accepted=not error, reason=error and f"site error: {error}",
-                                   arrays=message_arrays(reply)))
-        if error:
-            failed.append(f"node {node}: {error}")
-    if failed:
-        raise RuntimeError(f"{ENCODER.message} failed on " + "; ".join(failed))
-
-
 def run_nexvitad(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Both NexViTAD stages for ``cfg``; writes the results folder and returns the summary.
     ConfigError for a strategy with CFA (it aligns MSVT embeddings, which NexViTAD has not)."""
@@ -87,7 +71,7 @@ def run_nexvitad(grid: Grid, cfg: ExperimentConfig) -> dict:
     load_trainable_state_dict(model, state)
     encoder = encoder_state(model)
     path = write_encoder(model.settings, encoder, run.results.checkpoints / ENCODER_FILE)
-    share_encoder(run, ArrayRecord(encoder))
+    run.query_sites(ENCODER, RecordDict({ENCODER_RECORD: ArrayRecord(encoder)}))
     log.info("nexvitad: encoder trained (%s); memory bank on target %r", path, target)
     bank = run_feature_head(grid, bank_config(cfg, path, str(run.root / BANK_DIR)))
     last = run.results.rows[-1]
