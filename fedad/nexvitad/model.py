@@ -236,6 +236,16 @@ class NexViTAD(nn.Module):
         [B, 2, h_1, w_1] of its segmentation head."""
         return self.get_submodule(self.head_name(category, target))(levels)
 
+    def segment_rows(self, levels: Sequence[torch.Tensor], categories: Sequence[str],
+                     target: str) -> torch.Tensor:
+        """Fused levels [[B, 2 d_n, h_n, w_n]] of images of ``categories`` [B] -> logits
+        [B, 2, h_1, w_1], each row by its category's head (one pass per category)."""
+        out = levels[0].new_empty(len(categories), 2, *levels[0].shape[-2:])
+        for category in sorted(set(categories)):
+            pick = torch.tensor([c == category for c in categories], device=out.device)
+            out[pick] = self.segment([m[pick] for m in levels], category, target)
+        return out
+
 
 def encoder_state(model: NexViTAD) -> dict[str, torch.Tensor]:
     """The trained encoder's adapter and projection weights (CPU), by encoder key."""

@@ -148,12 +148,8 @@ def source_loss(model: NexViTAD, data: SiteData, index: torch.Tensor, view: int,
     masks = transform(rows.masks[index].to(device), view).long()
     side = masks.shape[-1]
     categories = [rows.categories[i] for i in index.tolist()]
-    seg = fused[0].new_zeros(())
-    for category in sorted(set(categories)):
-        pick = torch.tensor([c == category for c in categories], device=device)
-        logits = upsampled(model.segment([m[pick] for m in fused], category, data.target), side)
-        seg = seg + F.cross_entropy(logits, masks[pick], reduction="sum")
-    losses = {"source_ce": seg / masks.numel()}
+    logits = upsampled(model.segment_rows(fused, categories, data.target), side)
+    losses = {"source_ce": F.cross_entropy(logits, masks)}
     if use_pseudo:
         losses["pseudo_ce"] = F.cross_entropy(upsampled(model.pseudo_head(fused), side), masks)
     return losses
@@ -240,12 +236,8 @@ def decoder_maps(model: NexViTAD, rows: FrozenSet, target: str, batch: int) -> n
     for index in torch.arange(len(rows)).split(batch):
         fused = model.encoder.fuse(*rows.rows(index, device))
         categories = [rows.categories[i] for i in index.tolist()]
-        out = torch.empty(len(index), side, side, device=device)
-        for category in sorted(set(categories)):
-            pick = torch.tensor([c == category for c in categories], device=device)
-            logits = model.segment([m[pick] for m in fused], category, target)
-            out[pick] = upsampled(logits, side).softmax(dim=1)[:, 1]
-        maps.append(cpu_numpy(out))
+        logits = upsampled(model.segment_rows(fused, categories, target), side)
+        maps.append(cpu_numpy(logits.softmax(dim=1)[:, 1]))
     return np.concatenate(maps)
 
 
