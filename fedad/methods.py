@@ -13,6 +13,8 @@ never imports another method's dependencies.
   (and besides :data:`SHARED_ACTIONS`, which every method's sites answer).
 - ``rounds``: the method's own number of federated rounds, used when ``num-server-rounds`` is 0
   (its default).
+- ``deployed``: for a method whose model on the line is one of its stages' own results, that
+  stage's sub-folder of the results folder (``fedad predict`` / ``export`` / thresholds open it).
 
 Adding a method touches its folder under ``fedad/``, its module under ``clients/`` and one
 line here.
@@ -34,6 +36,7 @@ class MethodEntry:
     recipe: str = ""
     actions: str = ""
     rounds: int = 4
+    deployed: str = ""
 
 
 SHARED_ACTIONS = "fedad.thresholds:QUERY_ACTIONS"
@@ -51,7 +54,8 @@ METHODS: dict[str, MethodEntry] = {
     "nexvitad": MethodEntry("fedad.nexvitad.workflow:run_nexvitad",
                             "clients.nexvitad:NexViTADClient",
                             "fedad.nexvitad.training:NEXVITAD_RECIPE",
-                            "fedad.nexvitad.protocol:QUERY_ACTIONS", rounds=3),
+                            "fedad.nexvitad.protocol:QUERY_ACTIONS", rounds=3,
+                            deployed="bank"),
     **{head: MethodEntry("fedad.heads.workflow:run_feature_head",
                          "clients.feature_head:FeatureHeadClient",
                          actions="fedad.heads.protocol:QUERY_ACTIONS", rounds=1)

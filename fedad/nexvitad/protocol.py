@@ -7,6 +7,7 @@ names it)."""
 from __future__ import annotations
 
 from fedad.heads.protocol import QUERY_ACTIONS as HEAD_ACTIONS
+from fedad.methods import METHODS
 from fedad.payloads import Query
 
 ENCODER = Query("nexvitad_encoder")
@@ -22,5 +23,6 @@ message without it belongs to the memory-bank stage."""
 ENCODER_FILE = "encoder.pt"
 """The trained encoder in the results folder's checkpoints/ (``feature-checkpoint`` of a
 ``feature-source=nexvitad`` memory bank)."""
-BANK_DIR = "bank"
-"""Sub-folder of the results folder holding the memory-bank stage's own results."""
+BANK_DIR = METHODS["nexvitad"].deployed
+"""Sub-folder of the results folder holding the memory-bank stage's own results (the registry's
+``deployed`` stage: what ``fedad predict`` opens)."""

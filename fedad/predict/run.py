@@ -15,7 +15,7 @@ import torch
 from fedad.config import ConfigError, ExperimentConfig
 from fedad.data import Sample
 from fedad.experiment import resolve_root
-from fedad.nexvitad.protocol import BANK_DIR
+from fedad.methods import METHODS
 from fedad.predict.scorers import SCORERS, Scorer, build_scorer
 from fedad.thresholds import THRESHOLDS_FILE
 from partitions import partition_samples, read_manifest
@@ -67,15 +67,10 @@ def checkpoint_path(root: Path, server_round: int | None = None) -> Path:
     return path
 
 
-DEPLOYED_STAGE = {"nexvitad": BANK_DIR}
-"""Methods whose model on the line is a stage's results folder inside the run's: NexViTAD's
-memory bank on the trained encoder (§3.2, the decoder removed)."""
-
-
 def open_run(results_dir: str | Path, server_round: int | None = None) -> Run:
     """The run in ``results_dir`` at its last round (or ``server_round``), or the last round
-    of its :data:`DEPLOYED_STAGE`; RunError naming the missing or unreadable config or
-    checkpoint, or a method without a scorer."""
+    of its method's ``deployed`` stage (:class:`fedad.methods.MethodEntry`); RunError naming
+    the missing or unreadable config or checkpoint, or a method without a scorer."""
     root = Path(results_dir).expanduser().resolve()
     config = root / "config.yaml"
     if not config.is_file():
@@ -84,8 +79,9 @@ def open_run(results_dir: str | Path, server_round: int | None = None) -> Run:
         cfg = ExperimentConfig.from_yaml(config)
     except ConfigError as err:
         raise RunError(str(err)) from None
-    if cfg.method in DEPLOYED_STAGE:  # its line model is a stage's own results folder
-        return open_run(root / DEPLOYED_STAGE[cfg.method])
+    deployed = METHODS[cfg.method].deployed if cfg.method in METHODS else ""
+    if deployed:  # the method's model on the line is a stage's own results folder
+        return open_run(root / deployed)
     if cfg.method not in SCORERS:
         raise RunError(f"{config}: method={cfg.method!r} has no scorer (fedad.predict."
                        f"scorers.SCORERS: {', '.join(SCORERS)})")
